@@ -1,0 +1,40 @@
+# trl_drpo set-up and checks. A fresh machine needs nothing but Python 3.10+ and make.
+#
+# torch is installed *first*, on its own: if any other package pulled it in, pip would pick a multi-GB CUDA build.
+# GPU users choose their build:  make venv TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# or install their CUDA torch into an environment of their own and run `pip install -e ".[dev]"` there.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.trl_drpo-installed
+
+.PHONY: venv demo test lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# The main job on its embedded default: offline, CPU, a few minutes.
+demo: venv
+	$(PY) -m trl_drpo.demo
+
+test: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(PY) -m ruff check trl_drpo tests examples benchmarks
+	$(PY) -m ruff format --check trl_drpo tests examples benchmarks
+
+format: venv
+	$(PY) -m ruff check --fix trl_drpo tests examples benchmarks
+	$(PY) -m ruff format trl_drpo tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

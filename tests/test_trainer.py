@@ -1,0 +1,391 @@
+"""DrPOTrainer: the online loop on the tiny offline pipelines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_drpo import DrPOConfig, DrPOTrainer
+from trl_drpo.hub import LORA_WEIGHT_NAME
+from trl_drpo.rewards import JpegCompressibility
+from trl_drpo.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+PROMPTS = ["a red apple", "a blue car", "a green tree", "a yellow bird"]
+
+
+def mean_brightness(images, prompts):
+    """A cheap non-differentiable reward for plumbing tests: mean pixel value, computed in numpy."""
+    return [float(np.asarray(image).mean()) for image in images]
+
+
+def small_config(tmp_path, **overrides) -> DrPOConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        num_generations=4,
+        num_positives=1,
+        num_negatives=1,
+        gradient_accumulation_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        lora_rank=4,
+        lora_alpha=4,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return DrPOConfig(**values)
+
+
+def lora_state(trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.generator.denoiser.named_parameters() if "lora" in name}
+
+
+def test_training_changes_every_lora_parameter_and_nothing_else(tmp_path):
+    pipe = tiny_sd_pipeline()
+    before = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
+    others = {
+        f"{component}.{name}": p.detach().clone()
+        for component in ("vae", "text_encoder")
+        for name, p in getattr(pipe, component).named_parameters()
+    }
+    trainer = DrPOTrainer(pipe, mean_brightness, small_config(tmp_path, max_steps=2), train_dataset=PROMPTS)
+    lora_before = lora_state(trainer)
+    trainer.train()
+    after = dict(pipe.unet.named_parameters())
+    for name, value in lora_before.items():
+        assert not torch.equal(after[name].detach(), value), f"LoRA parameter {name} did not change"
+    for name, value in before.items():
+        key = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        current = after.get(name, after.get(key))
+        assert current is not None and torch.equal(current.detach(), value), f"base parameter {name} changed"
+    for name, value in others.items():
+        component, rest = name.split(".", 1)
+        assert torch.equal(dict(getattr(pipe, component).named_parameters())[rest].detach(), value)
+
+
+def test_chunked_gradient_equals_one_graph_gradient(tmp_path):
+    def gradients(chunk):
+        torch.manual_seed(0)
+        trainer = DrPOTrainer(
+            tiny_sd_pipeline(),
+            mean_brightness,
+            small_config(tmp_path, num_generations=6, num_positives=2, num_negatives=2, candidate_chunk_size=chunk),
+            train_dataset=PROMPTS,
+        )
+        with torch.no_grad():  # non-zero LoRA B so that every LoRA weight gets a gradient
+            for name, p in trainer.generator.denoiser.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        trainer.create_optimizer()
+        inputs = trainer.data_collator([{"prompt": p} for p in PROMPTS[:2]])
+        loss = trainer.training_step(trainer.model, inputs)
+        return loss, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    loss_full, grads_full = gradients(None)
+    loss_chunked, grads_chunked = gradients(2)
+    torch.testing.assert_close(loss_chunked, loss_full, rtol=1e-5, atol=1e-6)
+    assert grads_full.keys() == grads_chunked.keys() and grads_full
+    for name in grads_full:
+        torch.testing.assert_close(grads_chunked[name], grads_full[name], rtol=1e-4, atol=1e-7)
+
+
+def test_save_model_then_load_lora_weights_reproduces_the_tuned_images(tmp_path):
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, small_config(tmp_path), train_dataset=PROMPTS)
+    trainer.train()
+    trainer.save_model()
+    out = trainer.args.output_dir
+    assert os.path.isfile(os.path.join(out, LORA_WEIGHT_NAME))
+    assert os.path.isfile(os.path.join(out, "README.md"))
+    assert json.load(open(os.path.join(out, "drpo_config.json")))["num_generations"] == 4
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in os.listdir(out)), "no pickled files"
+
+    noise = trainer.generator.make_noise(2, torch.Generator().manual_seed(7))
+    tuned = trainer.generator.pipeline(
+        PROMPTS[:2], num_inference_steps=1, guidance_scale=0.0, latents=noise, output_type="pt"
+    ).images
+    fresh = tiny_sd_pipeline()
+    base = fresh(PROMPTS[:2], num_inference_steps=1, guidance_scale=0.0, latents=noise, output_type="pt").images
+    fresh.load_lora_weights(out)
+    loaded = fresh(PROMPTS[:2], num_inference_steps=1, guidance_scale=0.0, latents=noise, output_type="pt").images
+    torch.testing.assert_close(loaded, tuned, rtol=0, atol=1e-5)
+    assert (loaded - base).abs().max() > 1e-4, "the adapter must change the images"
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path):
+    common = dict(save_strategy="steps", save_steps=2, max_steps=4)
+    straight = DrPOTrainer(
+        tiny_sd_pipeline(), mean_brightness, small_config(tmp_path / "a", **common), train_dataset=PROMPTS
+    )
+    straight.train()
+
+    first = DrPOTrainer(
+        tiny_sd_pipeline(), mean_brightness, small_config(tmp_path / "b", **common), train_dataset=PROMPTS
+    )
+    first.args.max_steps = 2
+    first.train()
+    checkpoint = os.path.join(first.args.output_dir, "checkpoint-2")
+    assert os.path.isfile(os.path.join(checkpoint, LORA_WEIGHT_NAME))
+    resumed = DrPOTrainer(
+        tiny_sd_pipeline(), mean_brightness, small_config(tmp_path / "b", **common), train_dataset=PROMPTS
+    )
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.state.global_step == 4
+    expected, actual = lora_state(straight), lora_state(resumed)
+    for name in expected:  # tolerance: float32 round-off only
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_drpo_raises_jpeg_compressibility_on_held_out_prompts_and_seeds(tmp_path):
+    from trl_drpo.demo import HELD_OUT_PROMPTS, HELD_OUT_SEEDS, TRAIN_PROMPTS, demo_config
+
+    torch.manual_seed(0)
+    config = demo_config(str(tmp_path / "out"), max_steps=30, disable_tqdm=True, logging_steps=10)
+    trainer = DrPOTrainer(tiny_sd_pipeline(), JpegCompressibility(), config, train_dataset=TRAIN_PROMPTS)
+    trainer.train()
+    metrics = trainer.evaluate(HELD_OUT_PROMPTS)
+    assert config.eval_seeds == HELD_OUT_SEEDS
+    # JPEG compressibility is minus the file size in kB; the margin is well below what the run achieves.
+    assert metrics["eval_reward"] > metrics["eval_base_reward"] + 0.05, metrics
+
+
+@pytest.mark.slow
+def test_drpo_raises_jpeg_compressibility_on_the_tiny_sdxl_pipeline(tmp_path):
+    from trl_drpo.demo import HELD_OUT_PROMPTS, TRAIN_PROMPTS, demo_config
+
+    torch.manual_seed(0)
+    config = demo_config(str(tmp_path / "out"), max_steps=15, disable_tqdm=True, logging_steps=5)
+    trainer = DrPOTrainer(tiny_sdxl_pipeline(), JpegCompressibility(), config, train_dataset=TRAIN_PROMPTS)
+    trainer.train()
+    metrics = trainer.evaluate(HELD_OUT_PROMPTS)
+    assert metrics["eval_reward"] > metrics["eval_base_reward"] + 0.03, metrics
+
+
+def test_logged_metrics_use_trl_names(tmp_path):
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, small_config(tmp_path), train_dataset=PROMPTS)
+    trainer.train()
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    for key in (
+        "loss",
+        "reward",
+        "reward_std",
+        "rewards/mean_brightness/mean",
+        "rewards/mean_brightness/std",
+        "drift/feature_scale",
+        "drift/dist_pos",
+        "drift/dist_neg",
+        "drift/dist_ref",
+        "timing/step",
+    ):
+        assert key in logged, f"{key} not logged"
+    assert any(key.startswith("drift/drift_rms_") for key in logged)
+
+
+def test_evaluate_reports_tuned_and_base_rewards(tmp_path):
+    config = small_config(tmp_path, eval_prompts=["a house"], eval_seeds=[1, 2])
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+    metrics = trainer.evaluate()
+    assert {"eval_reward", "eval_base_reward", "eval_rewards/mean_brightness/mean"} <= set(metrics)
+    # Before training the adapter is zero: the tuned generator is the base one.
+    assert metrics["eval_reward"] == pytest.approx(metrics["eval_base_reward"], abs=1e-6)
+
+
+def test_rewards_receive_extra_dataset_columns_when_they_accept_them(tmp_path):
+    seen = []
+
+    def reward_with_column(images, prompts, colour):
+        seen.extend(colour)
+        return [0.0 if c == "red" else 1.0 for c in colour]
+
+    dataset = Dataset.from_dict({"prompt": PROMPTS, "colour": ["red", "blue", "green", "yellow"]})
+    trainer = DrPOTrainer(
+        tiny_sd_pipeline(),
+        [reward_with_column, mean_brightness],
+        small_config(tmp_path, max_steps=1),
+        train_dataset=dataset,
+    )
+    trainer.train()
+    assert len(seen) == 2 * 4 and set(seen) <= {"red", "blue", "green", "yellow"}
+
+
+def test_async_rewards_are_awaited(tmp_path):
+    async def async_brightness(images, prompts):
+        return mean_brightness(images, prompts)
+
+    trainer = DrPOTrainer(
+        tiny_sd_pipeline(), async_brightness, small_config(tmp_path, max_steps=1), train_dataset=PROMPTS
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors a user can cause
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _train_with(tmp_path, reward):
+    trainer = DrPOTrainer(tiny_sd_pipeline(), reward, small_config(tmp_path, max_steps=1), train_dataset=PROMPTS)
+    trainer.train()
+
+
+def test_reward_returning_the_wrong_number_of_scores_is_a_clear_error(tmp_path):
+    def too_few(images, prompts):
+        return [1.0] * (len(images) - 1)
+
+    with pytest.raises(ValueError, match=r"Reward 'too_few' returned scores of shape \(7,\) for 8 images"):
+        _train_with(tmp_path, too_few)
+
+
+def test_reward_returning_nan_is_a_clear_error_naming_the_prompt(tmp_path):
+    def nan_reward(images, prompts):
+        return [float("nan")] + [0.0] * (len(images) - 1)
+
+    with pytest.raises(ValueError, match="nan_reward.*non-finite.*prompt 'a red apple'"):
+        _train_with(tmp_path, nan_reward)
+
+
+def test_reward_that_raises_is_reported_with_its_name(tmp_path):
+    def broken(images, prompts):
+        raise KeyError("model not loaded")
+
+    with pytest.raises(RuntimeError, match="Reward 'broken' raised KeyError"):
+        _train_with(tmp_path, broken)
+
+
+def test_a_failing_reward_never_loses_a_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def fails_late(images, prompts):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise ValueError("reward server down")
+        return mean_brightness(images, prompts)
+
+    config = small_config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    trainer = DrPOTrainer(tiny_sd_pipeline(), fails_late, config, train_dataset=PROMPTS)
+    with pytest.raises(RuntimeError, match="reward server down"):
+        trainer.train()
+    assert os.path.isfile(os.path.join(config.output_dir, "checkpoint-2", LORA_WEIGHT_NAME))
+
+
+def test_empty_dataset_is_rejected_before_training(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        DrPOTrainer(tiny_sd_pipeline(), mean_brightness, small_config(tmp_path), train_dataset=[])
+
+
+def test_missing_prompt_column_is_rejected_with_the_fix(tmp_path):
+    dataset = Dataset.from_dict({"caption": PROMPTS})
+    with pytest.raises(ValueError, match="no column 'prompt'.*prompt_column"):
+        DrPOTrainer(tiny_sd_pipeline(), mean_brightness, small_config(tmp_path), train_dataset=dataset)
+
+
+def test_prompt_column_can_be_renamed(tmp_path):
+    dataset = Dataset.from_dict({"caption": PROMPTS})
+    trainer = DrPOTrainer(
+        tiny_sd_pipeline(),
+        mean_brightness,
+        small_config(tmp_path, prompt_column="caption", max_steps=1),
+        train_dataset=dataset,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_too_many_anchors_for_k_is_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match=r"num_positives \+ num_negatives \(3 \+ 2\) exceeds num_generations \(4\)"):
+        small_config(tmp_path, num_positives=3, num_negatives=2)
+
+
+def test_unsupported_pipeline_is_rejected_naming_the_supported_ones(tmp_path):
+    class NotAPipeline:
+        unet = torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="StableDiffusionPipeline.*register_generator"):
+        DrPOTrainer(NotAPipeline(), mean_brightness, small_config(tmp_path), train_dataset=PROMPTS)
+
+
+def test_non_callable_reward_is_rejected(tmp_path):
+    with pytest.raises(TypeError, match="not callable"):
+        DrPOTrainer(tiny_sd_pipeline(), "pickscore-typo", small_config(tmp_path), train_dataset=PROMPTS)
+
+
+def test_missing_prompts_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="No prompts to train on"):
+        DrPOTrainer(tiny_sd_pipeline(), mean_brightness, small_config(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+DISTRIBUTED_SCRIPT = """
+import sys, torch
+from safetensors.torch import save_file
+from trl_drpo import DrPOConfig, DrPOTrainer
+from trl_drpo.testing import tiny_sd_pipeline
+
+def brightness(images, prompts):
+    return [float(torch.tensor(list(im.getdata()), dtype=torch.float32).mean()) for im in images]
+
+out = sys.argv[1]
+config = DrPOConfig(output_dir=out, max_steps=2, num_generations=4, num_positives=1, num_negatives=1,
+                    gradient_accumulation_steps=1, per_device_train_batch_size=1, learning_rate=1e-3, lora_rank=4,
+                    lora_alpha=4, save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+                    logging_steps=1)
+trainer = DrPOTrainer(tiny_sd_pipeline(), brightness, config, train_dataset=["a", "b", "c", "d", "e", "f"])
+trainer.train()
+rank = trainer.accelerator.process_index
+state = {n: p.detach().contiguous() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
+         if "lora" in n}
+save_file(state, f"{out}/rank{rank}.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_keeps_adapters_identical(tmp_path):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "train.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        str(out),
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
+    # The adapters moved away from their zero-initialised B matrices.
+    assert any(rank0[name].abs().max() > 0 for name in rank0 if "lora_B" in name)

@@ -1,0 +1,429 @@
+"""The DrPO drift field: kernel mean-shift targets in feature space.
+
+Pure torch, no I/O and no diffusers. This is the estimator of section 2.3 of the method document (the "double
+normalised kernel dipole" of the Drifting-model paper), and the preference / reference combination of sections
+2.4-2.6.
+
+Shapes follow one convention: a *set* of features is ``(B, N, D)``; ``B`` independent sets (one per prompt in the
+trainer) are processed in parallel and never interact. The public entry points are:
+
+- `drift_field` -> `DriftTarget`: the stop-gradient goal ``sg(x/sigma + V)`` for one set, plus diagnostics;
+- `drift_loss`: the estimator's loss for one set, ``mean_{i,d} (G/sigma - goal)^2`` per row;
+- `drpo_targets` / `DrPOTargets.loss`: the full DrPO objective over a dict of feature keys, split into a no-grad
+  target pass and a regression pass that can run over candidate chunks (section 11.3) with the same gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+KERNELS = ("laplacian", "rbf", "cosine")
+_KERNEL_ALIASES = {"exponential": "laplacian", "gaussian": "rbf"}
+
+# Constants of the reference implementation (section 2.3), reproduced on purpose.
+_DIST_EPS = 1e-8  # clamp of squared distances: no distance is below 1e-4
+_SCALE_MIN = 1e-3  # floor of the feature scale s and of sigma
+_RMS_EPS = 1e-8  # floor of the squared per-radius RMS
+
+AnchorWeight = float | torch.Tensor
+
+
+def canonical_kernel(kernel: str) -> str:
+    """Return the canonical kernel name (``exponential`` is the paper's name for ``laplacian``)."""
+    name = _KERNEL_ALIASES.get(kernel, kernel)
+    if name not in KERNELS:
+        raise ValueError(f"Unknown drift kernel {kernel!r}; choose one of {KERNELS} (or the alias 'exponential').")
+    return name
+
+
+def _check_set(name: str, x: torch.Tensor, batch: int | None = None, dim: int | None = None) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"`{name}` must be a (batch, samples, dim) tensor, got {shape}.")
+    if batch is not None and x.shape[0] != batch:
+        raise ValueError(f"`{name}` has batch size {x.shape[0]} but `generated` has {batch}.")
+    if dim is not None and x.shape[2] != dim:
+        raise ValueError(f"`{name}` has feature dim {x.shape[2]} but `generated` has {dim}.")
+    if not torch.isfinite(x.detach()).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values; check the feature map and the generator output.")
+
+
+def _anchor_weights(name: str, weight: AnchorWeight, batch: int, count: int, device: torch.device) -> torch.Tensor:
+    """Broadcast a scalar, per-anchor ``(count,)`` or per-row ``(batch, count)`` weight to ``(batch, count)``."""
+    w = torch.as_tensor(weight, dtype=torch.float32, device=device).detach()
+    if w.ndim == 0:
+        w = w.expand(batch, count)
+    elif w.ndim == 1 and w.shape[0] == count:
+        w = w.unsqueeze(0).expand(batch, count)
+    elif w.shape != (batch, count):
+        raise ValueError(
+            f"`{name}` must be a float, a ({count},) tensor or a ({batch}, {count}) tensor, got {tuple(w.shape)}."
+        )
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"`{name}` must be finite and non-negative.")
+    return w
+
+
+@dataclass
+class DriftTarget:
+    """The stop-gradient regression target of one drift estimate.
+
+    Attributes:
+        goal: ``(B, N, D)`` detached goal ``x/sigma + V`` in scaled coordinates.
+        sigma: ``(B,)`` per-row coordinate scale ``max(1e-3, s / sqrt(D))``.
+        diagnostics: detached scalars per row, see `drift_field`.
+    """
+
+    goal: torch.Tensor
+    sigma: torch.Tensor
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def loss(self, generated: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Regression loss of ``generated`` (particles ``start:start+n`` of the set) onto the goal, per row.
+
+        The sum over a partition of the set into slices equals the loss of the whole set: each slice is normalised
+        by the full set size ``N * D``, which is what lets the trainer back-propagate chunk by chunk.
+        """
+        batch, total, dim = self.goal.shape
+        fits = generated.ndim == 3 and generated.shape[0] == batch and generated.shape[2] == dim
+        n = generated.shape[1] if fits else 0
+        if not fits or start < 0 or start + n > total:
+            raise ValueError(
+                f"Cannot regress a {tuple(generated.shape)} slice at {start} onto a {tuple(self.goal.shape)} target."
+            )
+        goal = self.goal[:, start : start + n]
+        scaled = generated.float() / self.sigma.view(batch, 1, 1)
+        return (scaled - goal).pow(2).sum(dim=(1, 2)) / (total * dim)
+
+
+def drift_field(
+    generated: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    *,
+    positive_weight: AnchorWeight,
+    negative_weight: AnchorWeight,
+    radii: Sequence[float],
+    kernel: str = "laplacian",
+    mask_self_negatives: bool = False,
+    drift_step: float = 1.0,
+    affinity_floor: float = 1e-6,
+    self_mask_penalty: float = 100.0,
+) -> DriftTarget:
+    """Estimate the drift field ``V`` for a set of generated features and return its stop-gradient target.
+
+    Args:
+        generated: ``(B, N, D)`` current features; only their values are used here.
+        positives: ``(B, P, D)`` positive anchors (attract).
+        negatives: ``(B, M, D)`` negative anchors (repel). ``M`` may be 0.
+        positive_weight: weight ``w+`` of every positive: a float, a ``(P,)`` or a ``(B, P)`` tensor.
+        negative_weight: weight ``w-`` of every negative, likewise.
+        radii: kernel temperatures, relative to the mean distance (e.g. ``(0.02, 0.05, 0.2)``).
+        kernel: ``"laplacian"`` (alias ``"exponential"``), ``"rbf"`` or ``"cosine"``.
+        mask_self_negatives: the negatives are the generated set itself (``M == N``, reference term); mask each
+            sample's own copy among them.
+        drift_step: multiplier on the normalised field (the paper's ``eta`` is the anchor weight; keep 1.0).
+        affinity_floor: clamp of the product of the two softmaxes before the square root.
+        self_mask_penalty: logit penalty ``penalty / r`` on masked self pairs.
+
+    Returns:
+        A `DriftTarget` whose ``goal`` is ``x/sigma + drift_step * V`` with ``V = sum_r F_r / rms(F_r)``, and
+        diagnostics ``feature_scale`` (s), ``feature_scale_per_dim`` (sigma), ``drift_rms_{r}`` (the RMS of the
+        raw force at each radius, before normalisation), ``mean_dist_pos`` and ``mean_dist_neg``.
+    """
+    _check_set("generated", generated)
+    batch, n_gen, dim = generated.shape
+    _check_set("positives", positives, batch, dim)
+    _check_set("negatives", negatives, batch, dim)
+    n_pos, n_neg = positives.shape[1], negatives.shape[1]
+    if n_gen == 0 or n_pos == 0:
+        raise ValueError(f"The drift needs at least one generated sample and one positive, got {n_gen} and {n_pos}.")
+    if mask_self_negatives and n_neg != n_gen:
+        raise ValueError(
+            f"mask_self_negatives=True requires the negatives to be the generated set ({n_gen} samples), got {n_neg}."
+        )
+    radii = [float(r) for r in radii]
+    if not radii or any(not math.isfinite(r) or r <= 0 for r in radii):
+        raise ValueError(f"`radii` must be a non-empty list of positive numbers, got {radii}.")
+    kernel = canonical_kernel(kernel)
+    device = generated.device
+
+    with torch.no_grad():
+        x = generated.detach().float()
+        targets = torch.cat([x, negatives.detach().float(), positives.detach().float()], dim=1)
+        weights = torch.cat(
+            [
+                torch.ones(batch, n_gen, device=device),
+                _anchor_weights("negative_weight", negative_weight, batch, n_neg, device),
+                _anchor_weights("positive_weight", positive_weight, batch, n_pos, device),
+            ],
+            dim=1,
+        )
+        if (weights[:, n_gen + n_neg :].sum(dim=1) <= 0).any():
+            raise ValueError("At least one positive anchor must have a non-zero weight.")
+
+        x_sq = x.pow(2).sum(-1, keepdim=True)
+        t_sq = targets.pow(2).sum(-1).unsqueeze(1)
+        dist = (x_sq + t_sq - 2 * x @ targets.transpose(1, 2)).clamp_min(_DIST_EPS).sqrt()
+
+        scale = ((dist * weights.unsqueeze(1)).mean(dim=(1, 2)) / weights.mean(dim=1)).clamp_min(_SCALE_MIN)
+        sigma = (scale / math.sqrt(dim)).clamp_min(_SCALE_MIN)
+        x_scaled = x / sigma.view(batch, 1, 1)
+        t_scaled = targets / sigma.view(batch, 1, 1)
+
+        self_mask = torch.zeros(n_gen, n_gen + n_neg + n_pos, device=device)
+        eye = torch.eye(n_gen, device=device)
+        self_mask[:, :n_gen] = eye
+        if mask_self_negatives:
+            self_mask[:, n_gen : n_gen + n_neg] = eye
+
+        if kernel == "cosine":
+            unit_x = torch.nn.functional.normalize(x, dim=-1)
+            cosine = unit_x @ torch.nn.functional.normalize(targets, dim=-1).transpose(1, 2)
+        norm_dist = dist / scale.view(batch, 1, 1)
+
+        n_neg_side = n_gen + n_neg
+        field_sum = torch.zeros_like(x_scaled)
+        diagnostics: dict[str, torch.Tensor] = {"feature_scale": scale, "feature_scale_per_dim": sigma}
+        for radius in radii:
+            if kernel == "laplacian":
+                logits = -norm_dist / radius
+            elif kernel == "rbf":
+                logits = -0.5 * (norm_dist / radius).pow(2)
+            else:
+                logits = cosine / radius
+            logits = logits - (self_mask_penalty / radius) * self_mask
+            affinity = (logits.softmax(dim=-1) * logits.softmax(dim=-2)).clamp_min(affinity_floor).sqrt()
+            affinity = affinity * weights.unsqueeze(1)
+            a_neg, a_pos = affinity[..., :n_neg_side], affinity[..., n_neg_side:]
+            mass_neg = a_neg.sum(-1, keepdim=True)
+            mass_pos = a_pos.sum(-1, keepdim=True)
+            # The displacement form (t - x) of the dipole force: identical to the reference's sum of
+            # t-coefficients, which sum to zero.
+            pull = a_pos @ t_scaled[:, n_neg_side:] - mass_pos * x_scaled
+            push = a_neg @ t_scaled[:, :n_neg_side] - mass_neg * x_scaled
+            force = mass_neg * pull - mass_pos * push
+            rms = force.pow(2).mean(dim=(1, 2)).clamp_min(_RMS_EPS).sqrt()
+            field_sum = field_sum + force / rms.view(batch, 1, 1)
+            diagnostics[f"drift_rms_{radius:g}"] = rms
+
+        diagnostics["mean_dist_pos"] = dist[..., n_neg_side:].mean(dim=(1, 2))
+        if n_neg:
+            diagnostics["mean_dist_neg"] = dist[..., n_gen:n_neg_side].mean(dim=(1, 2))
+        goal = x_scaled + drift_step * field_sum
+    return DriftTarget(goal=goal, sigma=sigma, diagnostics=diagnostics)
+
+
+def drift_loss(
+    generated: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    *,
+    positive_weight: AnchorWeight,
+    negative_weight: AnchorWeight,
+    radii: Sequence[float],
+    kernel: str = "laplacian",
+    mask_self_negatives: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The drift estimator's loss for one set of features (section 2.3).
+
+    Returns the per-row loss ``mean_{i,d} (generated/sigma - sg(x/sigma + V))^2`` of shape ``(B,)``, whose gradient
+    with respect to ``generated`` is ``-2 V / (N D sigma)``, and the diagnostics of `drift_field`. The loss value is
+    about the number of radii whatever the progress: it is a vehicle for the gradient, not a metric. Extra keyword
+    arguments (``drift_step``, ``affinity_floor``, ``self_mask_penalty``) go to `drift_field`.
+    """
+    target = drift_field(
+        generated,
+        positives,
+        negatives,
+        positive_weight=positive_weight,
+        negative_weight=negative_weight,
+        radii=radii,
+        kernel=kernel,
+        mask_self_negatives=mask_self_negatives,
+        **kwargs,
+    )
+    return target.loss(generated), target.diagnostics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The DrPO objective over feature keys (sections 2.4-2.6)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DriftHyperparams:
+    """The numbers of the DrPO objective; `DrPOConfig` builds one. Defaults: the paper's SD-Turbo recipe."""
+
+    positive_weight: float = 3000.0
+    negative_weight: float = 3000.0
+    reference_weight: float = 3000.0
+    reference_negative_weight: float = 3000.0
+    reference_loss_weight: float = 0.2
+    preference_radii: Sequence[float] = (0.02, 0.05, 0.2)
+    reference_radii: Sequence[float] = (0.02, 0.05, 0.2)
+    kernel: str = "laplacian"
+    aggregation: str = "sum"
+    drift_step: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.kernel = canonical_kernel(self.kernel)
+        if self.aggregation not in ("sum", "mean"):
+            raise ValueError(f"Feature-key aggregation must be 'sum' or 'mean', got {self.aggregation!r}.")
+        if self.reference_loss_weight < 0:
+            raise ValueError("The reference loss weight (lambda) must be >= 0.")
+
+
+def as_feature_set(features: torch.Tensor) -> torch.Tensor:
+    """Flatten per-sample tokens ``(B, K, T, D)`` into one particle set ``(B, K*T, D)`` per row (section 2.6):
+    all tokens of all samples of a prompt interact in one kernel set, with no positional matching."""
+    if features.ndim != 4:
+        raise ValueError(f"Per-sample features must be (batch, samples, tokens, dim), got {tuple(features.shape)}.")
+    b, k, t, d = features.shape
+    return features.reshape(b, k * t, d)
+
+
+@dataclass
+class DrPOTargets:
+    """Detached DrPO targets for every feature key, computed once per step without gradient.
+
+    ``terms[key]`` holds ``(weight, DriftTarget)`` pairs: the preference term and, when lambda > 0, the reference
+    term, with the key-aggregation factor folded into the weights.
+    """
+
+    terms: dict[str, list[tuple[float, DriftTarget]]]
+    tokens: dict[str, int]
+    num_candidates: int
+    metrics: dict[str, torch.Tensor]
+
+    def loss(self, features: Mapping[str, torch.Tensor], start: int = 0) -> torch.Tensor:
+        """DrPO loss per row for candidates ``start:start+k`` whose features are ``(B, k, T, D)`` per key.
+
+        Summed over a partition of the candidates into chunks, this equals the loss of all candidates at once, and
+        so does its gradient (section 11.3).
+        """
+        missing = set(self.terms) - set(features)
+        if missing:
+            raise KeyError(f"Features are missing keys {sorted(missing)}.")
+        total = None
+        for key, terms in self.terms.items():
+            feats = features[key]
+            if feats.ndim != 4 or feats.shape[2] != self.tokens[key]:
+                raise ValueError(f"Feature {key!r} must be (batch, chunk, {self.tokens[key]}, dim).")
+            particles = as_feature_set(feats)
+            for weight, target in terms:
+                term = weight * target.loss(particles, start * self.tokens[key])
+                total = term if total is None else total + term
+        return total
+
+
+def drpo_targets(
+    generated: Mapping[str, torch.Tensor],
+    positives: Mapping[str, torch.Tensor],
+    negatives: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor] | None,
+    params: DriftHyperparams,
+) -> DrPOTargets:
+    """Build the DrPO targets of sections 2.4-2.6 for every feature key.
+
+    Args:
+        generated: key -> ``(B, K, T, D)`` features of the current candidates.
+        positives: key -> ``(B, P, T, D)`` features of the positive anchors (detached copies of candidates).
+        negatives: key -> ``(B, M, T, D)`` features of the negative anchors.
+        reference: key -> ``(B, K, T, D)`` features of the reference (base generator) samples from the same noise,
+            or None when ``params.reference_loss_weight == 0``.
+        params: the objective's numbers.
+
+    Returns:
+        `DrPOTargets`; its ``metrics`` hold per-row diagnostics averaged over keys (``feature_scale``,
+        ``drift_rms_{r}``, ``dist_pos``, ``dist_neg``, ``dist_ref``) and the per-row loss values ``loss_pref`` /
+        ``loss_ref`` at the current point.
+    """
+    if not generated:
+        raise ValueError("No feature keys: the feature map returned an empty dict.")
+    use_reference = params.reference_loss_weight > 0
+    if use_reference and reference is None:
+        raise ValueError("Reference features are required when the reference loss weight is > 0.")
+    keys = list(generated)
+    for name, feats in (("positives", positives), ("negatives", negatives)) + (
+        (("reference", reference),) if use_reference else ()
+    ):
+        missing = set(keys) - set(feats)
+        if missing:
+            raise KeyError(f"{name} features are missing keys {sorted(missing)}.")
+    key_factor = 1.0 if params.aggregation == "sum" else 1.0 / len(keys)
+
+    terms: dict[str, list[tuple[float, DriftTarget]]] = {}
+    tokens: dict[str, int] = {}
+    sums: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str, value: torch.Tensor) -> None:
+        sums[name] = sums[name] + value / len(keys) if name in sums else value / len(keys)
+
+    num_candidates = None
+    for key in keys:
+        gen = generated[key].detach()
+        if gen.ndim != 4:
+            raise ValueError(f"Feature {key!r} must be (batch, samples, tokens, dim), got {tuple(gen.shape)}.")
+        num_candidates = gen.shape[1] if num_candidates is None else num_candidates
+        tokens[key] = gen.shape[2]
+        gen_set = as_feature_set(gen)
+        pref = drift_field(
+            gen_set,
+            as_feature_set(positives[key]),
+            as_feature_set(negatives[key]),
+            positive_weight=params.positive_weight,
+            negative_weight=params.negative_weight,
+            radii=params.preference_radii,
+            kernel=params.kernel,
+            drift_step=params.drift_step,
+        )
+        terms[key] = [(key_factor, pref)]
+        accumulate("loss_pref", pref.loss(gen_set))
+        accumulate("feature_scale", pref.diagnostics["feature_scale"])
+        accumulate("dist_pos", pref.diagnostics["mean_dist_pos"])
+        if "mean_dist_neg" in pref.diagnostics:
+            accumulate("dist_neg", pref.diagnostics["mean_dist_neg"])
+        for name, value in pref.diagnostics.items():
+            if name.startswith("drift_rms_"):
+                accumulate(name, value)
+        if use_reference:
+            ref = drift_field(
+                gen_set,
+                as_feature_set(reference[key]),
+                gen_set,
+                positive_weight=params.reference_weight,
+                negative_weight=params.reference_negative_weight,
+                radii=params.reference_radii,
+                kernel=params.kernel,
+                mask_self_negatives=True,
+                drift_step=params.drift_step,
+            )
+            terms[key].append((key_factor * params.reference_loss_weight, ref))
+            accumulate("loss_ref", ref.loss(gen_set))
+            accumulate("dist_ref", ref.diagnostics["mean_dist_pos"])
+            for name, value in ref.diagnostics.items():
+                if name.startswith("drift_rms_"):
+                    accumulate("ref_" + name, value)
+    return DrPOTargets(terms=terms, tokens=tokens, num_candidates=num_candidates, metrics=sums)
+
+
+def drpo_loss(
+    generated: Mapping[str, torch.Tensor],
+    positives: Mapping[str, torch.Tensor],
+    negatives: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor] | None,
+    params: DriftHyperparams | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DrPO loss in one graph: ``agg_k L_pref,k + lambda * agg_k L_ref,k`` per row, plus its metrics.
+
+    Inputs as in `drpo_targets`; ``generated`` carries the gradient.
+    """
+    targets = drpo_targets(generated, positives, negatives, reference, params or DriftHyperparams())
+    return targets.loss(generated), targets.metrics

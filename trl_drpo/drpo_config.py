@@ -1,0 +1,311 @@
+"""Configuration of the DrPO trainer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .drift import DriftHyperparams, canonical_kernel
+from .ranking import SELECTION_RULES
+
+
+_PAPER_RADII = [0.02, 0.05, 0.2]
+_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+# The paper's recipes (section 4.6 of the method document). Values not listed keep the DrPOConfig defaults, which
+# are the SD-Turbo recipe already.
+PRESETS: dict[str, dict[str, Any]] = {
+    "sd_turbo_paper": {
+        "num_generations": 24,
+        "num_positives": 8,
+        "num_negatives": 8,
+        "learning_rate": 1e-4,
+        "max_steps": 1000,
+        "gradient_accumulation_steps": 8,
+        "feature_aggregation": "sum",
+        "reference_loss_weight": 0.2,
+        "resolution": 512,
+        "fp16": True,
+    },
+    "sdxl_turbo_paper": {
+        "num_generations": 16,
+        "num_positives": 8,
+        "num_negatives": 8,
+        "learning_rate": 1e-5,
+        "max_steps": 5000,
+        "gradient_accumulation_steps": 8,
+        "feature_aggregation": "mean",
+        # The teacher-feature script: w+ 3000 / w- 2000, reference 3500 / 5000, lambda 0.25.
+        "negative_weight": 2000.0,
+        "reference_weight": 3500.0,
+        "reference_negative_weight": 5000.0,
+        "reference_loss_weight": 0.25,
+        "resolution": 512,
+        "bf16": True,
+    },
+}
+
+
+@dataclass
+class DrPOConfig(TrainingArguments):
+    r"""
+    Configuration class for [`DrPOTrainer`].
+
+    Defaults follow the paper's SD-Turbo recipe (Drifting Preference Optimization, arXiv 2606.02521, section 4.6 of
+    the method document); `DrPOConfig.from_preset("sdxl_turbo_paper", ...)` gives the SDXL-Turbo one. Only the
+    parameters specific to DrPO are listed here; see [`~transformers.TrainingArguments`] for the others. A step of
+    training is one optimizer update over `per_device_train_batch_size * gradient_accumulation_steps` prompts per
+    process, each with `num_generations` candidates.
+
+    Parameters:
+        > Parameters that control sampling
+
+        num_generations (`int`, *optional*, defaults to `24`):
+            Number of candidates K generated per prompt, from independent noise.
+        resolution (`int` or `None`, *optional*, defaults to `None`):
+            Image size in pixels. `None` uses the pipeline's default (512 for SD-Turbo and SDXL-Turbo).
+        candidate_chunk_size (`int` or `None`, *optional*, defaults to `None`):
+            Candidates per prompt that are regenerated with gradient at once in the gradient pass. Peak activation
+            memory scales with this chunk, not with K; the gradient is the same for any value. `None` uses K.
+        decode_chunk_size (`int` or `None`, *optional*, defaults to `None`):
+            Latents decoded by the VAE at once (no gradient). `None` decodes all at once.
+
+        > Parameters that control anchor selection and rewards
+
+        num_positives (`int`, *optional*, defaults to `8`):
+            Positive anchors per prompt (the best-ranked candidates under `anchor_selection="topk"`; the size of
+            the random draw from the passing pool under `"threshold"`).
+        num_negatives (`int`, *optional*, defaults to `8`):
+            Negative anchors per prompt, likewise.
+        anchor_selection (`str`, *optional*, defaults to `"topk"`):
+            Rule that turns rewards into anchors: `"topk"` (top / bottom k), `"mean_split"` (above / below the
+            prompt's mean) or `"threshold"` (pass / fail at `selection_threshold`, for binary rewards).
+        selection_threshold (`float`, *optional*, defaults to `0.5`):
+            Pass mark of the `"threshold"` rule, on the ensemble score (z-scored when several rewards are used, so
+            use a single binary reward with this rule).
+        reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
+            Weights of the reward functions, normalised to sum to one after each reward is z-scored within its
+            prompt's group. `None` weighs them equally.
+
+        > Parameters that control the drift field
+
+        positive_weight (`float`, *optional*, defaults to `3000.0`):
+            Kernel weight of each positive anchor in the preference field (the paper's "eta").
+        negative_weight (`float`, *optional*, defaults to `3000.0`):
+            Kernel weight of each negative anchor in the preference field.
+        reference_weight (`float`, *optional*, defaults to `3000.0`):
+            Kernel weight of each reference (base-generator) sample in the reference field.
+        reference_negative_weight (`float`, *optional*, defaults to `3000.0`):
+            Kernel weight of the current samples acting as negatives in the reference field.
+        reference_loss_weight (`float`, *optional*, defaults to `0.2`):
+            Weight lambda of the reference term; `0.0` turns it off and skips the reference rollout.
+        preference_radii (`list[float]`, *optional*, defaults to `[0.02, 0.05, 0.2]`):
+            Kernel radii of the preference field, relative to the mean feature distance.
+        reference_radii (`list[float]`, *optional*, defaults to `[0.02, 0.05, 0.2]`):
+            Kernel radii of the reference field.
+        kernel (`str`, *optional*, defaults to `"laplacian"`):
+            Kernel of both fields: `"laplacian"` (alias `"exponential"`), `"rbf"` or `"cosine"`.
+        drift_step (`float`, *optional*, defaults to `1.0`):
+            Multiplier on the normalised field in the regression target.
+
+        > Parameters that control the feature space
+
+        feature_map (`str`, *optional*, defaults to `"denoiser"`):
+            Frozen feature map phi: `"denoiser"` (the frozen base denoiser's blocks), `"latent_mae"`, `"dinov2"`,
+            `"vit_mae"`, `"clip_vision"` or `"latent"`.
+        feature_keys (`list[str]` or `None`, *optional*, defaults to `None`):
+            Keys of the feature map to use; `None` uses the map's defaults.
+        feature_map_kwargs (`dict` or `None`, *optional*, defaults to `None`):
+            Keyword arguments of the feature map (e.g. `{"model_name_or_path": "facebook/dinov2-base"}`).
+        feature_aggregation (`str`, *optional*, defaults to `"sum"`):
+            How the per-key losses combine: `"sum"` (SD-Turbo recipe) or `"mean"` (SDXL recipe).
+
+        > Parameters that control the adapter
+
+        use_lora (`bool`, *optional*, defaults to `True`):
+            Train a LoRA adapter on the denoiser. `False` fine-tunes the whole denoiser and keeps a frozen copy
+            for the reference samples.
+        lora_rank (`int`, *optional*, defaults to `16`):
+            LoRA rank r.
+        lora_alpha (`int`, *optional*, defaults to `16`):
+            LoRA alpha.
+        lora_dropout (`float`, *optional*, defaults to `0.0`):
+            LoRA dropout.
+        lora_target_modules (`list[str]`, *optional*, defaults to `["to_q", "to_k", "to_v", "to_out.0"]`):
+            Modules of the denoiser that receive LoRA layers.
+
+        > Parameters that control the data
+
+        dataset_name (`str` or `None`, *optional*, defaults to `None`):
+            Prompt dataset used when no `train_dataset` is given: a `datasets` Hub id or a local file (`.txt` with
+            one prompt per line, `.json`, `.jsonl`, `.csv`, `.parquet`) or directory.
+        dataset_config (`str` or `None`, *optional*, defaults to `None`):
+            Configuration name of the dataset.
+        dataset_train_split (`str`, *optional*, defaults to `"train"`):
+            Split used for training.
+        prompt_column (`str`, *optional*, defaults to `"prompt"`):
+            Column holding the prompts. Other columns are passed to rewards that accept them as keyword arguments.
+
+        > Parameters that control evaluation and logging
+
+        eval_prompts (`list[str]` or `None`, *optional*, defaults to `None`):
+            Prompts rendered by `evaluate()` when no `eval_dataset` is given.
+        eval_seeds (`list[int]`, *optional*, defaults to `[1234, 1235]`):
+            Seeds of the evaluation images; each prompt is rendered once per seed.
+        log_images_steps (`int`, *optional*, defaults to `0`):
+            Log a grid of the current candidates with their rewards to TensorBoard / W&B every this many steps;
+            `0` disables it.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["feature_map_kwargs"]
+
+    # Paper defaults that differ from TrainingArguments'.
+    learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate for AdamW."})
+    max_steps: int = field(default=1000, metadata={"help": "Total number of optimizer updates."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Max gradient norm."})
+    weight_decay: float = field(default=1e-2, metadata={"help": "Weight decay of AdamW."})
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "The scheduler type to use."})
+    gradient_accumulation_steps: int = field(
+        default=8, metadata={"help": "Prompts' micro-batches accumulated per optimizer update."}
+    )
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Prompts per device per micro-batch."})
+    save_steps: float = field(default=100, metadata={"help": "Save a checkpoint every this many updates."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every this many updates."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep dataset columns: rewards may take them as keyword arguments."}
+    )
+
+    num_generations: int = field(default=24, metadata={"help": "Candidates K per prompt."})
+    resolution: int | None = field(default=None, metadata={"help": "Image size; None uses the pipeline's default."})
+    candidate_chunk_size: int | None = field(
+        default=None, metadata={"help": "Candidates per prompt regenerated with gradient at once; None = K."}
+    )
+    decode_chunk_size: int | None = field(default=None, metadata={"help": "Latents decoded at once; None = all."})
+
+    num_positives: int = field(default=8, metadata={"help": "Positive anchors per prompt."})
+    num_negatives: int = field(default=8, metadata={"help": "Negative anchors per prompt."})
+    anchor_selection: str = field(default="topk", metadata={"help": "Anchor rule.", "choices": list(SELECTION_RULES)})
+    selection_threshold: float = field(default=0.5, metadata={"help": "Pass mark of the 'threshold' rule."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
+
+    positive_weight: float = field(default=3000.0, metadata={"help": "Kernel weight of positive anchors (eta)."})
+    negative_weight: float = field(default=3000.0, metadata={"help": "Kernel weight of negative anchors."})
+    reference_weight: float = field(default=3000.0, metadata={"help": "Kernel weight of reference samples."})
+    reference_negative_weight: float = field(
+        default=3000.0, metadata={"help": "Kernel weight of current samples as negatives in the reference field."}
+    )
+    reference_loss_weight: float = field(default=0.2, metadata={"help": "Weight lambda of the reference term."})
+    preference_radii: list[float] = field(
+        default_factory=lambda: list(_PAPER_RADII), metadata={"help": "Kernel radii of the preference field."}
+    )
+    reference_radii: list[float] = field(
+        default_factory=lambda: list(_PAPER_RADII), metadata={"help": "Kernel radii of the reference field."}
+    )
+    kernel: str = field(default="laplacian", metadata={"help": "Drift kernel: laplacian, rbf or cosine."})
+    drift_step: float = field(default=1.0, metadata={"help": "Multiplier on the normalised drift."})
+
+    feature_map: str = field(default="denoiser", metadata={"help": "Frozen feature map phi."})
+    feature_keys: list[str] | None = field(default=None, metadata={"help": "Feature keys; None = map defaults."})
+    feature_map_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of the feature map (a dict or a JSON string)."}
+    )
+    feature_aggregation: str = field(default="sum", metadata={"help": "Per-key loss aggregation: sum or mean."})
+
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (else the full denoiser)."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(_LORA_TARGETS), metadata={"help": "Denoiser modules that get LoRA layers."}
+    )
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Prompt dataset (Hub id or local path)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts."})
+
+    eval_prompts: list[str] | None = field(default=None, metadata={"help": "Prompts rendered by evaluate()."})
+    eval_seeds: list[int] = field(default_factory=lambda: [1234, 1235], metadata={"help": "Evaluation seeds."})
+    log_images_steps: int = field(default=0, metadata={"help": "Image-grid logging period in steps (0 = off)."})
+
+    def __post_init__(self) -> None:
+        self._validate_drpo()
+        super().__post_init__()
+
+    def _validate_drpo(self) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"DrPOConfig: {message}")
+
+        if self.num_generations < 2:
+            fail(f"num_generations must be >= 2 to rank candidates, got {self.num_generations}.")
+        if self.anchor_selection not in SELECTION_RULES:
+            fail(f"anchor_selection must be one of {SELECTION_RULES}, got {self.anchor_selection!r}.")
+        if self.num_positives < 1 or self.num_negatives < 0:
+            fail("num_positives must be >= 1 and num_negatives >= 0.")
+        if self.anchor_selection == "topk" and self.num_positives + self.num_negatives > self.num_generations:
+            fail(
+                f"num_positives + num_negatives ({self.num_positives} + {self.num_negatives}) exceeds "
+                f"num_generations ({self.num_generations}); anchors are disjoint candidates. Lower the anchor "
+                "counts or raise num_generations."
+            )
+        for name in ("positive_weight", "negative_weight", "reference_weight", "reference_negative_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                fail(f"{name} must be a finite number >= 0, got {value}.")
+        if self.positive_weight == 0:
+            fail("positive_weight must be > 0: without positives there is no preference field.")
+        if not math.isfinite(self.reference_loss_weight) or self.reference_loss_weight < 0:
+            fail(f"reference_loss_weight must be >= 0, got {self.reference_loss_weight}.")
+        for name in ("preference_radii", "reference_radii"):
+            radii = getattr(self, name)
+            if not radii or any(not math.isfinite(float(r)) or float(r) <= 0 for r in radii):
+                fail(f"{name} must be a non-empty list of positive numbers, got {radii}.")
+        try:
+            canonical_kernel(self.kernel)
+        except ValueError as err:
+            fail(str(err))
+        if self.feature_aggregation not in ("sum", "mean"):
+            fail(f"feature_aggregation must be 'sum' or 'mean', got {self.feature_aggregation!r}.")
+        for name in ("candidate_chunk_size", "decode_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                fail(f"{name} must be None or >= 1, got {value}.")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            fail(f"resolution must be a positive multiple of 8, got {self.resolution}.")
+        if self.reward_weights is not None and any(not math.isfinite(w) or w < 0 for w in self.reward_weights):
+            fail(f"reward_weights must be finite and non-negative, got {self.reward_weights}.")
+        if self.lora_rank < 1:
+            fail(f"lora_rank must be >= 1, got {self.lora_rank}.")
+        if self.per_device_train_batch_size < 1:
+            fail("per_device_train_batch_size (prompts per micro-batch) must be >= 1.")
+        if isinstance(self.feature_map_kwargs, str):
+            import json
+
+            self.feature_map_kwargs = json.loads(self.feature_map_kwargs)
+
+    @property
+    def drift_hyperparams(self) -> DriftHyperparams:
+        """The numbers of the DrPO objective as the pure-math module takes them."""
+        return DriftHyperparams(
+            positive_weight=self.positive_weight,
+            negative_weight=self.negative_weight,
+            reference_weight=self.reference_weight,
+            reference_negative_weight=self.reference_negative_weight,
+            reference_loss_weight=self.reference_loss_weight,
+            preference_radii=tuple(float(r) for r in self.preference_radii),
+            reference_radii=tuple(float(r) for r in self.reference_radii),
+            kernel=self.kernel,
+            aggregation=self.feature_aggregation,
+            drift_step=self.drift_step,
+        )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> DrPOConfig:
+        """A config reproducing one of the paper's recipes (`"sd_turbo_paper"`, `"sdxl_turbo_paper"`), with
+        `overrides` applied on top (e.g. `output_dir`, or `fp16=False` on a CPU)."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown DrPO preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})

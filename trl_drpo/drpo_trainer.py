@@ -1,0 +1,477 @@
+"""The DrPO trainer: online preference fine-tuning of one-step diffusers pipelines with any reward."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from datasets import Dataset, IterableDataset
+from transformers import Trainer, TrainerCallback
+
+from .drift import DrPOTargets, drpo_targets
+from .drpo_config import DrPOConfig
+from .features import build_feature_map
+from .generators import OneStepGenerator
+from .hub import load_adapter, render_model_card, save_adapter
+from .prompts import PromptCollator, load_prompt_dataset
+from .ranking import reward_ensemble, select_anchors
+from .scoring import RewardFunctions, to_pil
+from .visualization import image_grid
+
+
+CONFIG_NAME = "drpo_config.json"
+
+
+class DrPOTrainer(Trainer):
+    """Trainer for Drifting Preference Optimization (DrPO) of one-step text-to-image generators.
+
+    Each optimizer update, for every prompt of the micro-batch: K candidates are generated from fresh noise, along
+    with their reference twins from the base generator (the same denoiser with the adapter disabled, same noise);
+    the candidates are decoded and scored by the rewards, which are only used to rank them; the best and worst
+    become positive and negative anchors; a frozen feature map embeds everything; the drift field gives each
+    candidate's features a detached target; and the candidates are regenerated with gradient, chunk by chunk, and
+    regressed onto their targets. The reward never receives a gradient.
+
+    Args:
+        pipe: a diffusers pipeline with a supported one-step adapter (`StableDiffusionPipeline` for SD-Turbo,
+            `StableDiffusionXLPipeline` for SDXL-Turbo; see `trl_drpo.generators.register_generator`).
+        reward_funcs: a callable ``reward(images, prompts, **columns) -> list[float]``, or a list of them (weighted
+            by `DrPOConfig.reward_weights`). See `trl_drpo.scoring` for the convention.
+        args: a `DrPOConfig`; defaults to the paper's SD-Turbo recipe with ``output_dir="drpo-output"``.
+        train_dataset: prompts: a `datasets.Dataset` / `IterableDataset` with a prompt column, a list of strings,
+            or None to load `args.dataset_name`.
+        eval_dataset: prompts for `evaluate()` (same forms), or None to use `args.eval_prompts`.
+        peft_config: a `peft.LoraConfig` overriding the LoRA fields of `args`.
+        callbacks: extra `transformers.TrainerCallback`s.
+        optimizers: ``(optimizer, lr_scheduler)``, as in `transformers.Trainer`.
+    """
+
+    _tag_names = ["trl", "drpo", "lora", "text-to-image", "diffusers", "diffusers-training"]
+
+    def __init__(
+        self,
+        pipe: Any,
+        reward_funcs: Callable | Sequence[Callable],
+        args: DrPOConfig | None = None,
+        train_dataset: Dataset | IterableDataset | Sequence[str] | str | None = None,
+        eval_dataset: Dataset | IterableDataset | Sequence[str] | str | None = None,
+        peft_config: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+    ) -> None:
+        args = DrPOConfig(output_dir="drpo-output") if args is None else args
+        if not isinstance(args, DrPOConfig):
+            raise TypeError(f"`args` must be a DrPOConfig, got {type(args).__name__}.")
+        # Everything a user can get wrong is checked here, before any model runs.
+        self.generator = OneStepGenerator.from_pipeline(pipe, resolution=args.resolution)
+        self.reward_funcs = RewardFunctions.build(reward_funcs, args.reward_weights)
+        if train_dataset is None:
+            if args.dataset_name is None:
+                raise ValueError(
+                    "No prompts to train on: pass `train_dataset` (a datasets.Dataset or a list of prompts) or set "
+                    "`dataset_name` in DrPOConfig."
+                )
+            train_dataset = args.dataset_name
+        train_dataset = load_prompt_dataset(
+            train_dataset,
+            prompt_column=args.prompt_column,
+            split=args.dataset_train_split,
+            config_name=args.dataset_config,
+        )
+        if eval_dataset is not None:
+            eval_dataset = load_prompt_dataset(eval_dataset, prompt_column=args.prompt_column, split="test")
+        chunk = args.candidate_chunk_size or args.num_generations
+        if chunk < args.num_generations and args.deepspeed:
+            raise ValueError(
+                "DeepSpeed steps its engine on every backward call, so the chunked gradient pass cannot run under "
+                "it: set candidate_chunk_size=None (one graph over all candidates) with DeepSpeed."
+            )
+
+        denoiser = self.generator.denoiser
+        if args.use_lora:
+            if peft_config is None:
+                self.generator.add_lora(
+                    rank=args.lora_rank,
+                    alpha=args.lora_alpha,
+                    target_modules=args.lora_target_modules,
+                    dropout=args.lora_dropout,
+                    init_lora_weights="gaussian",
+                )
+            else:
+                self.generator.add_lora(config=peft_config)
+        else:
+            # Full fine-tuning: the reference must come from a frozen copy, since there is no adapter to disable.
+            self.generator.set_reference_denoiser(copy.deepcopy(denoiser).requires_grad_(False).eval())
+            denoiser.requires_grad_(True)
+        self.peft_config = peft_config
+        # Trainable weights stay in fp32 under fp16/bf16 autocast, whatever dtype the pipeline was loaded in.
+        for param in denoiser.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        # transformers would call `gradient_checkpointing_enable`, which diffusers models do not have.
+        if args.activation_checkpointing or args.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+            args.activation_checkpointing = args.gradient_checkpointing = False
+            self._gradient_checkpointing = True
+        else:
+            self._gradient_checkpointing = False
+
+        super().__init__(
+            model=denoiser,
+            args=args,
+            data_collator=PromptCollator(args.prompt_column),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.generator.pipeline.to(self.accelerator.device)
+        self.feature_map = build_feature_map(
+            args.feature_map, self.generator, keys=args.feature_keys, **(args.feature_map_kwargs or {})
+        )
+        self.feature_map.to(self.accelerator.device)
+        self.drift_params = args.drift_hyperparams
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._micro_step = [-1, 0]
+        self._images_logged_step = -1
+        self._base_eval: tuple[tuple[str, ...], dict[str, float]] | None = None
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # One step
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _noise_generator(self) -> torch.Generator:
+        """A generator seeded by (seed, rank, update, micro-step): each rank samples its own noise, and a resumed
+        run draws exactly the noise the uninterrupted run would have."""
+        step = self.state.global_step
+        if self._micro_step[0] != step:
+            self._micro_step = [step, 0]
+        micro = self._micro_step[1]
+        self._micro_step[1] += 1
+        seed = ((self.args.seed * 1_000_003 + self.accelerator.process_index) * 1_000_033 + step) * 131 + micro
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        model.train()
+        args = self.args
+        prompts = list(inputs["prompt"])
+        columns = {key: value for key, value in inputs.items() if key != "prompt"}
+        num_prompts, k = len(prompts), args.num_generations
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+
+        # Phase (a): everything without gradient (section 11.3).
+        gen = self.generator
+        with torch.no_grad():
+            embeds = gen.encode_prompts(prompts).repeat_interleave(k)
+            noise = gen.make_noise(num_prompts * k, self._noise_generator())
+            with self.compute_loss_context_manager():
+                latents = gen.sample(embeds, noise)
+                reference = gen.reference(embeds, noise) if self.drift_params.reference_loss_weight > 0 else None
+            images = gen.decode(latents, chunk_size=args.decode_chunk_size)
+        timings["rollout"] = time.perf_counter() - start
+
+        tick = time.perf_counter()
+        repeated_prompts = [p for p in prompts for _ in range(k)]
+        repeated_columns = {c: [v for v in values for _ in range(k)] for c, values in columns.items()}
+        scores = self.reward_funcs(images, repeated_prompts, repeated_columns)  # (rewards, B*K)
+        ranking = reward_ensemble([s.view(num_prompts, k) for s in scores], self.reward_funcs.weights)
+        selections = select_anchors(
+            ranking,
+            args.anchor_selection,
+            args.num_positives,
+            args.num_negatives,
+            args.selection_threshold,
+            generator=self._noise_generator(),
+        )
+        timings["reward"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        with torch.no_grad(), self.compute_loss_context_manager():
+            features = self._features(latents, embeds, num_prompts)
+            ref_features = self._features(reference, embeds, num_prompts) if reference is not None else None
+        targets: list[DrPOTargets | None] = []
+        for b, selection in enumerate(selections):
+            if selection is None:
+                targets.append(None)
+                continue
+            row = {key: value[b : b + 1] for key, value in features.items()}
+            targets.append(
+                drpo_targets(
+                    row,
+                    {key: value[:, selection.positives] for key, value in row.items()},
+                    {key: value[:, selection.negatives] for key, value in row.items()},
+                    {key: value[b : b + 1] for key, value in ref_features.items()} if ref_features else None,
+                    self.drift_params,
+                )
+            )
+        timings["field"] = time.perf_counter() - tick
+
+        # Phase (b): regenerate candidates with gradient, chunk by chunk, and regress them onto their targets.
+        tick = time.perf_counter()
+        loss = self._gradient_pass(model, embeds, noise, targets, num_prompts)
+        timings["backward"] = time.perf_counter() - tick
+        timings["step"] = time.perf_counter() - start
+
+        self._record_step(scores, targets, timings)
+        step = self.state.global_step
+        if args.log_images_steps and step % args.log_images_steps == 0 and self._images_logged_step != step:
+            self._images_logged_step = step
+            self._log_images(images[:k], scores[:, :k], prompts[0])
+        return loss
+
+    def _features(self, latents: torch.Tensor, embeds: Any, num_prompts: int) -> dict[str, torch.Tensor]:
+        """Feature map output per key, reshaped to ``(prompts, candidates, tokens, dim)``."""
+        feats = self.feature_map(latents, embeds)
+        return {key: value.float().reshape(num_prompts, -1, *value.shape[1:]) for key, value in feats.items()}
+
+    def _gradient_pass(
+        self,
+        model: torch.nn.Module,
+        embeds: Any,
+        noise: torch.Tensor,
+        targets: list[DrPOTargets | None],
+        num_prompts: int,
+    ) -> torch.Tensor:
+        k = self.args.num_generations
+        chunk = self.args.candidate_chunk_size or k
+        active = [b for b, target in enumerate(targets) if target is not None]
+        # A micro-batch without any usable preference still runs one forward/backward with zero weight, so that
+        # every rank takes part in the gradient all-reduce.
+        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        weight = 1.0 / (len(active) * accumulation) if active else 0.0
+        rows = active or [0]
+        starts = list(range(0, k, chunk))
+        total = torch.zeros((), device=self.accelerator.device)
+        for index, begin in enumerate(starts):
+            end = min(begin + chunk, k)
+            ids = torch.tensor([b * k + j for b in rows for j in range(begin, end)])
+            last = index == len(starts) - 1
+            sync = nullcontext() if last else self.accelerator.no_sync(model)
+            with sync:
+                with self.compute_loss_context_manager():
+                    latents = self.generator.one_step(model, embeds.select(ids), noise[ids.to(noise.device)])
+                    feats = self._features(latents, embeds.select(ids), len(rows))
+                if active:
+                    losses = [
+                        targets[b].loss({key: value[n : n + 1] for key, value in feats.items()}, begin).sum()
+                        for n, b in enumerate(rows)
+                    ]
+                    loss = weight * torch.stack(losses).sum()
+                else:
+                    loss = 0.0 * latents.float().sum()
+                self.accelerator.backward(loss)
+            total = total + loss.detach()
+        return total
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Metrics and logging
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _record_step(self, scores: torch.Tensor, targets: list[DrPOTargets | None], timings: dict[str, float]) -> None:
+        metrics = self._metrics["train"]
+        weights = torch.tensor(self.reward_funcs.weights) / sum(self.reward_funcs.weights)
+        combined = (weights[:, None] * scores).sum(0)
+        metrics["reward"].append(combined.mean().item())
+        metrics["reward_std"].append(combined.std().item() if combined.numel() > 1 else 0.0)
+        for name, values in zip(self.reward_funcs.names, scores):
+            metrics[f"rewards/{name}/mean"].append(values.mean().item())
+            metrics[f"rewards/{name}/std"].append(values.std().item() if values.numel() > 1 else 0.0)
+        used = [t for t in targets if t is not None]
+        metrics["frac_prompts_skipped"].append(1.0 - len(used) / len(targets))
+        for target in used:
+            for name, value in target.metrics.items():
+                metrics[f"drift/{name}"].append(value.mean().item())
+        for name, seconds in timings.items():
+            metrics[f"timing/{name}"].append(seconds)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        local = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        merged: dict[str, list[float]] = defaultdict(list)
+        for rank_metrics in gather_object([local]):
+            for key, value in rank_metrics.items():
+                merged[key].append(value)
+        prefix = "eval_" if mode == "eval" else ""
+        logs = {**logs, **{prefix + key: sum(values) / len(values) for key, values in sorted(merged.items())}}
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def _log_images(self, images: torch.Tensor, scores: torch.Tensor, prompt: str) -> None:
+        if not self.is_world_process_zero():
+            return
+        grid = image_grid(images)
+        caption = f"{prompt} | " + ", ".join(
+            f"{name}: " + " ".join(f"{s:.3g}" for s in row.tolist())
+            for name, row in zip(self.reward_funcs.names, scores)
+        )
+        step = self.state.global_step
+        for callback in self.callback_handler.callbacks:
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                writer.add_image("train/candidates", grid, step)
+                writer.add_text("train/candidates_rewards", caption, step)
+        if "wandb" in (self.args.report_to or []):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"train/candidates": wandb.Image(to_pil(grid[None])[0], caption=caption)}, step=step)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Evaluation
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _eval_prompts(self, eval_dataset: Any) -> list[str]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is not None:
+            if not isinstance(dataset, (Dataset, IterableDataset)):
+                dataset = load_prompt_dataset(dataset, prompt_column=self.args.prompt_column, split="test")
+            return [row[self.args.prompt_column] for row in dataset]
+        if self.args.eval_prompts:
+            return list(self.args.eval_prompts)
+        raise ValueError("Nothing to evaluate: pass `eval_dataset` or set `eval_prompts` in DrPOConfig.")
+
+    @torch.no_grad()
+    def render(self, prompts: Sequence[str], seeds: Sequence[int], adapter: bool = True) -> torch.Tensor:
+        """Images ``(len(seeds) * len(prompts), 3, H, W)`` in [0, 1] for fixed seeds, seed-major.
+
+        Image ``(seed, i)`` uses the latent seed ``seed * 10**6 + i`` (the paper's protocol), so results are
+        comparable across runs and checkpoints. ``adapter=False`` renders the base generator.
+        """
+        gen = self.generator
+        embeds = gen.encode_prompts(list(prompts))
+        noise = torch.cat(
+            [
+                gen.make_noise(1, torch.Generator().manual_seed(seed * 10**6 + i))
+                for seed in seeds
+                for i in range(len(prompts))
+            ]
+        )
+        ids = torch.arange(len(prompts)).repeat(len(seeds))
+        chunk = self.args.decode_chunk_size or len(ids)
+        images = []
+        for begin in range(0, len(ids), chunk):
+            sub = ids[begin : begin + chunk]
+            with self.compute_loss_context_manager():
+                sampler = gen.sample if adapter else gen.reference
+                latents = sampler(embeds.select(sub), noise[begin : begin + chunk])
+            images.append(gen.decode(latents, chunk_size=self.args.decode_chunk_size))
+        return torch.cat(images)
+
+    def _score(self, prompts: Sequence[str], adapter: bool) -> dict[str, float]:
+        seeds = list(self.args.eval_seeds)
+        images = self.render(prompts, seeds, adapter=adapter)
+        scores = self.reward_funcs(images, [p for _ in seeds for p in prompts])
+        weights = torch.tensor(self.reward_funcs.weights) / sum(self.reward_funcs.weights)
+        out = {"reward": (weights[:, None] * scores).sum(0).mean().item()}
+        for name, values in zip(self.reward_funcs.names, scores):
+            out[f"rewards/{name}/mean"] = values.mean().item()
+        return out
+
+    def evaluate(
+        self,
+        eval_dataset: Dataset | Sequence[str] | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Render fixed-seed samples for the evaluation prompts and report the mean reward(s) of the tuned
+        generator next to those of the base pipeline (computed once per prompt set)."""
+        prompts = self._eval_prompts(eval_dataset)
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        tuned = self._score(prompts, adapter=True)
+        if self._base_eval is None or self._base_eval[0] != tuple(prompts):
+            self._base_eval = (tuple(prompts), self._score(prompts, adapter=False))
+        self.model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in tuned.items()}
+        metrics.update({f"{metric_key_prefix}_base_{key}": value for key, value in self._base_eval[1].items()})
+        metrics[f"{metric_key_prefix}_runtime"] = time.perf_counter() - start
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Saving, loading, Hub
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapter in diffusers' LoRA format (or the full denoiser), the config and the model card."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        denoiser = self.accelerator.unwrap_model(self.model)
+        if self.args.use_lora:
+            save_adapter(self.generator.pipeline, denoiser, output_dir)
+        else:
+            denoiser.save_pretrained(os.path.join(output_dir, "unet"))
+        with open(os.path.join(output_dir, CONFIG_NAME), "w", encoding="utf-8") as handle:
+            handle.write(self.args.to_json_string())
+        self._write_model_card(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if self.args.use_lora:
+            load_adapter(denoiser, resume_from_checkpoint)
+        else:
+            from diffusers.models.model_loading_utils import load_state_dict
+
+            folder = os.path.join(resume_from_checkpoint, "unet")
+            files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+            state = {}
+            for name in files:
+                state.update(load_state_dict(os.path.join(folder, name)))
+            denoiser.load_state_dict(state)
+
+    def _write_model_card(self, output_dir: str, **kwargs: Any) -> None:
+        card = render_model_card(
+            pipeline=self.generator.pipeline,
+            args=self.args,
+            reward_names=self.reward_funcs.names,
+            reward_weights=self.reward_funcs.weights,
+            tags=self._tag_names,
+            eval_metrics=self._last_eval_metrics(),
+            **kwargs,
+        )
+        card.save(os.path.join(output_dir, "README.md"))
+
+    def _last_eval_metrics(self) -> dict[str, float]:
+        for entry in reversed(self.state.log_history):
+            if any(key.startswith("eval_") for key in entry):
+                return {key: value for key, value in entry.items() if key.startswith("eval_")}
+        return {}
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        sample_grid: str | None = None,
+        output_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the DrPO model card (diffusers LoRA metadata, rewards, hyperparameters, base-vs-tuned rewards of
+        the last evaluation, an optional sample grid path relative to the card) to ``output_dir/README.md``
+        (default `args.output_dir`). `push_to_hub` calls it; the card never holds a token."""
+        if not self.is_world_process_zero():
+            return
+        extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+        self._write_model_card(
+            output_dir or self.args.output_dir,
+            model_name=model_name,
+            dataset_name=dataset_name,
+            extra_tags=extra_tags,
+            sample_grid=sample_grid,
+        )

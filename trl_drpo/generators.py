@@ -1,0 +1,682 @@
+"""One-step generators: the differentiable twin of `pipe(prompt, num_inference_steps=1, guidance_scale=0.0)`.
+
+DrPO regresses what the user's pipeline *serves*, so the trainer must differentiate through exactly the computation
+that the diffusers pipeline runs at inference (section 11.1 of the method notes). Diffusers pipelines run under
+`torch.no_grad()`, so this module re-expresses their single step with the pipeline's own pieces (its prompt encoder,
+its scheduler's timestep, input scaling and x0 arithmetic, its VAE post-processing), keeping the autograd graph.
+
+A :class:`OneStepGenerator` wraps one pipeline family. Pick one with :meth:`OneStepGenerator.from_pipeline`, which
+looks the pipeline's class up in a small registry; add a family by subclassing and decorating with
+:func:`register_generator`::
+
+    @register_generator(MyPipeline)
+    class MyGenerator(OneStepGenerator):
+        def _encode(self, prompts): ...  # -> PromptEmbeds
+        def denoiser_kwargs(self, embeds, latents): ...  # -> keyword arguments of the denoiser call
+
+Typical use in a training step::
+
+    gen = OneStepGenerator.from_pipeline(pipe)
+    gen.add_lora(rank=16, alpha=16)
+    embeds = gen.encode_prompts(prompts).repeat_interleave(k)
+    noise = gen.make_noise(len(embeds), torch.Generator().manual_seed(0))
+    latents = gen.sample(embeds, noise)  # with gradient through the LoRA
+    reference = gen.reference(embeds, noise)  # adapter disabled, no gradient
+    images = gen.decode(latents)  # (B, 3, H, W) in [0, 1], no gradient
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.image_processor import VaeImageProcessor
+from torch import Tensor, nn
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SUPPORTED_PIPELINES",
+    "SUPPORTED_SCHEDULERS",
+    "OneStepGenerator",
+    "PromptEmbeds",
+    "StableDiffusionGenerator",
+    "StableDiffusionXLGenerator",
+    "register_generator",
+    "unwrap_module",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompt embeddings
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PromptEmbeds:
+    """Encoded prompts, one row per sample, in the layout the denoiser consumes.
+
+    Attributes:
+        prompt_embeds: text-encoder hidden states, `(batch, sequence, dim)`.
+        pooled_prompt_embeds: pooled text embedding (SDXL's `text_embeds`), `(batch, dim)`, or `None`.
+        add_time_ids: SDXL micro-conditioning `(batch, 6)`, or `None` to derive it from the latent size at call time
+            (`(h, w, 0, 0, h, w)`, what `pipe(height=h, width=w)` uses).
+    """
+
+    prompt_embeds: Tensor
+    pooled_prompt_embeds: Tensor | None = None
+    add_time_ids: Tensor | None = None
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> PromptEmbeds:
+        return PromptEmbeds(**{f.name: _apply(fn, getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def repeat_interleave(self, repeats: int) -> PromptEmbeds:
+        """Each row repeated `repeats` times in place (`[a, b] -> [a, a, b, b]`), for K candidates per prompt."""
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def select(self, index: int | slice | Sequence[int] | Tensor) -> PromptEmbeds:
+        """Rows picked by an int (kept as a batch of one), a slice, a list of ints or an index/bool tensor."""
+        if isinstance(index, int):
+            index = slice(index, index + 1) if index != -1 else slice(-1, None)
+        elif not isinstance(index, slice):
+            index = torch.as_tensor(index)
+            if index.dtype != torch.bool:
+                index = index.long()
+        return self._map(lambda t: t[index.to(t.device) if isinstance(index, Tensor) else index])
+
+    __getitem__ = select
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        """A copy on `device`; floating tensors are also cast to `dtype` when given."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+
+    @classmethod
+    def cat(cls, items: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        """Concatenate along the batch dimension."""
+        if not items:
+            raise ValueError("PromptEmbeds.cat needs at least one item.")
+        out = {}
+        for f in dataclasses.fields(cls):
+            values = [getattr(item, f.name) for item in items]
+            if all(v is None for v in values):
+                out[f.name] = None
+            elif any(v is None for v in values):
+                raise ValueError(f"Cannot concatenate PromptEmbeds where only some have `{f.name}`.")
+            else:
+                out[f.name] = torch.cat(values, dim=0)
+        return cls(**out)
+
+
+def _apply(fn: Callable[[Tensor], Tensor], value: Tensor | None) -> Tensor | None:
+    return None if value is None else fn(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scheduler arithmetic of a single step
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _x0_from_sigma(prediction_type: str, sample: Tensor, model_output: Tensor, sigma: Tensor) -> Tensor:
+    # Karras/Euler parametrisation: x_t = x0 + sigma * eps (no input scaling in `sample`).
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    return model_output  # "sample" / "original_sample"
+
+
+def _euler_step(scheduler: Any, device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
+    # EulerDiscreteScheduler.step (s_churn=0, the pipeline default) and EulerAncestralDiscreteScheduler.step (whose
+    # noise term vanishes when the step ends at sigma 0), written out so that autograd sees it and no state changes.
+    # The dtypes follow the scheduler's: `sample` is upcast to fp32 while `sigma * model_output` stays in the model's
+    # dtype (a 0-d sigma does not promote), so fp16/bf16 results match the pipeline's bit for bit.
+    sigma = scheduler.sigmas[0].to(device)
+    sigma_next = scheduler.sigmas[1].to(device)
+    if "Ancestral" in type(scheduler).__name__ and float(sigma_next) != 0.0:
+        raise NotImplementedError(
+            f"{type(scheduler).__name__} ends its single step at sigma={float(sigma_next)}, which adds fresh noise; "
+            "a one-step generator needs a schedule that ends at sigma 0."
+        )
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction", "sample", "original_sample"):
+        raise ValueError(f"Unsupported prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample.")
+
+    def step(sample: Tensor, model_output: Tensor) -> Tensor:
+        sample32 = sample.to(torch.float32)
+        x0 = _x0_from_sigma(prediction_type, sample32, model_output, sigma)
+        # With sigma_next = 0 this is x0 up to rounding; the derivative form is what the scheduler computes.
+        prev_sample = sample32 + (sample32 - x0) / sigma * (sigma_next - sigma)
+        return prev_sample.to(model_output.dtype)
+
+    return step
+
+
+def _ddim_step(scheduler: Any, device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
+    # DDIMScheduler.step with eta=0 (the pipeline default) for the only step: x_t is projected onto the final
+    # alpha (1, or alphas_cumprod[0] when set_alpha_to_one=False), the formula the authors hard-code for SD-Turbo.
+    # Like the scheduler, it computes in the sample's dtype.
+    config = scheduler.config
+    if config.thresholding:
+        raise NotImplementedError("DDIMScheduler with dynamic thresholding is not supported by OneStepGenerator.")
+    if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"Unsupported prediction_type {config.prediction_type!r}.")
+    t = int(scheduler.timesteps[0])
+    if t - config.num_train_timesteps // scheduler.num_inference_steps >= 0:
+        raise NotImplementedError("DDIMScheduler's single step must end at t < 0 (the clean sample).")
+    alpha = scheduler.alphas_cumprod[t].to(device)
+    alpha_prev = scheduler.final_alpha_cumprod.to(device)
+    beta = 1 - alpha
+
+    def step(x: Tensor, out: Tensor) -> Tensor:
+        if config.prediction_type == "epsilon":
+            x0, eps = (x - beta**0.5 * out) / alpha**0.5, out
+        elif config.prediction_type == "sample":
+            x0, eps = out, (x - alpha**0.5 * out) / beta**0.5
+        else:
+            x0, eps = alpha**0.5 * x - beta**0.5 * out, alpha**0.5 * out + beta**0.5 * x
+        if config.clip_sample:
+            x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+        return alpha_prev**0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
+
+    return step
+
+
+_SCHEDULER_STEPS: dict[str, Callable[[Any, torch.device], Callable[[Tensor, Tensor], Tensor]]] = {
+    "EulerDiscreteScheduler": _euler_step,
+    "EulerAncestralDiscreteScheduler": _euler_step,
+    "DDIMScheduler": _ddim_step,
+}
+SUPPORTED_SCHEDULERS: tuple[str, ...] = tuple(_SCHEDULER_STEPS)
+"""Scheduler classes whose single step `OneStepGenerator.sample` reproduces differentiably."""
+
+
+@dataclasses.dataclass
+class _SingleStep:
+    """A private scheduler copy set to one step on a device, its timestep, and its differentiable step."""
+
+    scheduler: Any
+    timestep: Tensor
+    step: Callable[[Tensor, Tensor], Tensor]
+
+    @classmethod
+    def build(cls, source: Any, device: torch.device) -> _SingleStep:
+        # A copy, because set_timesteps mutates the scheduler and the user's pipeline must keep working with
+        # whatever number of steps they call it with.
+        scheduler = type(source).from_config(source.config)
+        scheduler.set_timesteps(1, device=device)
+        if hasattr(scheduler, "set_begin_index"):
+            # Pins the step index to 0 so that scale_model_input never searches the timesteps (a device sync).
+            scheduler.set_begin_index(0)
+        step = _SCHEDULER_STEPS[type(scheduler).__name__](scheduler, device)
+        return cls(scheduler=scheduler, timestep=scheduler.timesteps[0], step=step)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------------------
+
+_GeneratorT = TypeVar("_GeneratorT", bound="type[OneStepGenerator]")
+_REGISTRY: dict[type, type[OneStepGenerator]] = {}
+SUPPORTED_PIPELINES: Mapping[type, type[OneStepGenerator]] = MappingProxyType(_REGISTRY)
+"""Live, read-only view of the registry: pipeline class -> generator adapter class."""
+
+
+def register_generator(pipeline_cls: type) -> Callable[[_GeneratorT], _GeneratorT]:
+    """Class decorator registering a :class:`OneStepGenerator` subclass as the adapter for `pipeline_cls`.
+
+    Subclasses of `pipeline_cls` also resolve to it (the registry is searched along the pipeline's MRO), unless they
+    have an adapter of their own.
+    """
+
+    def decorator(generator_cls: _GeneratorT) -> _GeneratorT:
+        if not (isinstance(generator_cls, type) and issubclass(generator_cls, OneStepGenerator)):
+            raise TypeError(f"{generator_cls!r} must be a subclass of OneStepGenerator.")
+        _REGISTRY[pipeline_cls] = generator_cls
+        return generator_cls
+
+    return decorator
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The model inside DDP/FSDP-style `.module` wrappers and `torch.compile`'s `_orig_mod`."""
+    while True:
+        if hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        elif hasattr(module, "module") and isinstance(module.module, nn.Module):
+            module = module.module
+        else:
+            return module
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Base generator
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class OneStepGenerator:
+    """Differentiable single-step sampling, reference sampling and decoding for one diffusers pipeline.
+
+    Build with :meth:`from_pipeline`. The pipeline object is shared, not copied: the denoiser that LoRA is added to
+    is `pipe.unet`, so a trained adapter is live in the user's pipeline. The VAE and text encoders are frozen.
+
+    Attributes:
+        pipeline: the wrapped diffusers pipeline.
+        denoiser: the module called by :meth:`sample`. It may be replaced by a wrapped version of itself
+            (e.g. `accelerator.prepare(gen.denoiser)`); everything else uses :attr:`unwrapped_denoiser`.
+        vae: the pipeline's VAE.
+        resolution: default image side in pixels (the pipeline's default height unless given).
+    """
+
+    def __init__(self, pipeline: Any, resolution: int | None = None) -> None:
+        self.pipeline = pipeline
+        self.denoiser: nn.Module = self._find_denoiser(pipeline)
+        self.vae: nn.Module = pipeline.vae
+        self.vae_scale_factor: int = int(pipeline.vae_scale_factor)
+        self.resolution: int = int(resolution) if resolution is not None else self._default_resolution()
+        self.decode_chunk_size: int | None = None
+        self._reference_denoiser: nn.Module | None = None
+        self._vae_fp32: nn.Module | None = None
+        self._steps: dict[str, _SingleStep] = {}
+        scheduler_name = type(pipeline.scheduler).__name__
+        if scheduler_name not in _SCHEDULER_STEPS:
+            raise NotImplementedError(
+                f"OneStepGenerator cannot reproduce a step of {scheduler_name}; supported schedulers: "
+                f"{', '.join(SUPPORTED_SCHEDULERS)}."
+            )
+        self._single_step(self.device)  # validates the scheduler's single step now rather than mid-training
+        # Only the denoiser is ever trained: freeze the rest so that stray gradients cannot reach it.
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            module = getattr(pipeline, name, None)
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
+
+    # ---------------------------------------------------------------------------------------------------- creation
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, resolution: int | None = None) -> OneStepGenerator:
+        """The registered adapter for `type(pipeline)` (searched along its MRO), built on `pipeline`.
+
+        Raises:
+            TypeError: no adapter is registered for the pipeline's class.
+        """
+        for klass in type(pipeline).__mro__:
+            if klass in _REGISTRY:
+                return _REGISTRY[klass](pipeline, resolution=resolution)
+        supported = ", ".join(sorted(k.__name__ for k in _REGISTRY)) or "none"
+        raise TypeError(
+            f"No one-step generator for {type(pipeline).__name__}. Supported pipelines: {supported}. To add one, "
+            "subclass trl_drpo.generators.OneStepGenerator (implement `_encode` and `denoiser_kwargs`) and decorate "
+            f"it with `@register_generator({type(pipeline).__name__})`."
+        )
+
+    @staticmethod
+    def _find_denoiser(pipeline: Any) -> nn.Module:
+        denoiser = getattr(pipeline, "unet", None)
+        if not isinstance(denoiser, nn.Module):
+            raise TypeError(f"{type(pipeline).__name__} has no `unet` module to train.")
+        return denoiser
+
+    def _default_resolution(self) -> int:
+        # What the pipelines use when `height` is not given: the UNet's sample size times the VAE scale factor.
+        sample_size = getattr(self.pipeline, "default_sample_size", None) or self.unwrapped_denoiser.config.sample_size
+        if isinstance(sample_size, (tuple, list)):
+            sample_size = sample_size[0]
+        return int(sample_size) * self.vae_scale_factor
+
+    # ---------------------------------------------------------------------------------------------------- properties
+
+    @property
+    def unwrapped_denoiser(self) -> nn.Module:
+        """:attr:`denoiser` without DDP / `torch.compile` wrappers: the module holding the LoRA adapter."""
+        return unwrap_module(self.denoiser)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the denoiser's parameters."""
+        return next(self.unwrapped_denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the denoiser (the dtype of noise and latents)."""
+        return self.unwrapped_denoiser.dtype
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the denoiser's input latents."""
+        return int(self.unwrapped_denoiser.config.in_channels)
+
+    @property
+    def has_adapter(self) -> bool:
+        """Whether a PEFT adapter (e.g. LoRA) is loaded on the denoiser."""
+        return bool(getattr(self.unwrapped_denoiser, "_hf_peft_config_loaded", False))
+
+    # ---------------------------------------------------------------------------------------------------- prompts
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Encode `prompts` (no gradient) with the pipeline's own `encode_prompt`, one row per prompt.
+
+        Duplicate prompts are encoded once. Nothing is cached across calls; the trainer encodes once per step and
+        expands with :meth:`PromptEmbeds.repeat_interleave`.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("encode_prompts needs at least one prompt.")
+        unique = list(dict.fromkeys(prompts))
+        embeds = self._encode(unique)
+        if len(unique) == len(prompts):
+            return embeds
+        position = {p: i for i, p in enumerate(unique)}
+        return embeds.select([position[p] for p in prompts])
+
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
+        """Encode distinct prompts; implemented by each pipeline adapter."""
+        raise NotImplementedError
+
+    def denoiser_kwargs(self, embeds: PromptEmbeds, latents: Tensor) -> dict[str, Any]:
+        """Keyword arguments of the denoiser call for `latents` (besides sample and timestep); per adapter."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------------------- noise
+
+    def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
+        """`(batch, channels, side, side)` of the latents for square images of `resolution` pixels."""
+        resolution = int(resolution or self.resolution)
+        if resolution % self.vae_scale_factor:
+            raise ValueError(
+                f"resolution {resolution} is not a multiple of the VAE scale factor {self.vae_scale_factor}."
+            )
+        side = resolution // self.vae_scale_factor
+        return (int(batch_size), self.latent_channels, side, side)
+
+    def make_noise(
+        self, batch_size: int, generator: torch.Generator | None = None, resolution: int | None = None
+    ) -> Tensor:
+        """Standard normal initial noise with the latent shape, on :attr:`device` in :attr:`dtype`.
+
+        The draw happens on the generator's device (CPU for a default `torch.Generator()`) in float32 and is then
+        moved, so one seed gives the same noise whatever device trains.
+        """
+        shape = self.latent_shape(batch_size, resolution)
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(shape, generator=generator, device=draw_device, dtype=torch.float32)
+        return noise.to(device=self.device, dtype=self.dtype)
+
+    # ---------------------------------------------------------------------------------------------------- sampling
+
+    def _single_step(self, device: torch.device) -> _SingleStep:
+        key = str(device)
+        if key not in self._steps:
+            self._steps[key] = _SingleStep.build(self.pipeline.scheduler, device)
+        return self._steps[key]
+
+    def one_step(self, denoiser: nn.Module, embeds: PromptEmbeds, noise: Tensor) -> Tensor:
+        """The pipeline's single step with `denoiser`: scale by init sigma, scale the input, predict, step to x0.
+
+        Differentiable in the denoiser's parameters and in `noise`; :meth:`sample` and :meth:`reference` call it.
+        """
+        if len(embeds) != noise.shape[0]:
+            raise ValueError(f"{len(embeds)} prompt embeddings for {noise.shape[0]} noise samples.")
+        device = self.device
+        single = self._single_step(device)
+        latents = noise.to(device=device) * single.scheduler.init_noise_sigma
+        model_input = single.scheduler.scale_model_input(latents, single.timestep)
+        model_output = denoiser(
+            model_input, single.timestep, return_dict=False, **self.denoiser_kwargs(embeds.to(device), latents)
+        )[0]
+        return single.step(latents, model_output)
+
+    def sample(self, embeds: PromptEmbeds, noise: Tensor) -> Tensor:
+        """Clean latents from `noise` with gradient through :attr:`denoiser` (and its LoRA).
+
+        Equals `pipe(prompt, num_inference_steps=1, guidance_scale=0.0, latents=noise, output_type="latent")`.
+        """
+        return self.one_step(self.denoiser, embeds, noise)
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[nn.Module]:
+        """Context yielding the module that computes the *base* model.
+
+        That is the frozen reference set by :meth:`set_reference_denoiser` if any; otherwise the unwrapped denoiser
+        with its adapters disabled for the duration (re-enabled on exit only if they were enabled on entry), or
+        the unwrapped denoiser itself when no adapter is loaded. No copy of the model is made.
+        """
+        if self._reference_denoiser is not None:
+            yield self._reference_denoiser
+            return
+        denoiser = self.unwrapped_denoiser
+        if not self.has_adapter or not self._adapters_enabled(denoiser):
+            yield denoiser
+            return
+        denoiser.disable_adapters()
+        try:
+            yield denoiser
+        finally:
+            denoiser.enable_adapters()
+
+    @staticmethod
+    def _adapters_enabled(denoiser: nn.Module) -> bool:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return any(not m.disable_adapters for m in denoiser.modules() if isinstance(m, BaseTunerLayer))
+
+    @torch.no_grad()
+    def reference(self, embeds: PromptEmbeds, noise: Tensor) -> Tensor:
+        """Latents of the base model (adapter disabled, or the frozen reference) for the same inputs; no gradient."""
+        with self.adapter_disabled() as base:
+            return self.one_step(base, embeds, noise)
+
+    def set_reference_denoiser(self, module: nn.Module | None) -> None:
+        """Use a frozen copy of the base denoiser for :meth:`reference` and base features (full fine-tuning).
+
+        With LoRA this is unnecessary: the adapter is simply disabled. Pass `None` to go back to that.
+        """
+        if module is not None:
+            module = unwrap_module(module).eval().requires_grad_(False)
+        self._reference_denoiser = module
+
+    # ---------------------------------------------------------------------------------------------------- LoRA
+
+    def add_lora(
+        self,
+        rank: int = 16,
+        alpha: float = 16,
+        target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        dropout: float = 0.0,
+        adapter_name: str = "default",
+        upcast_to_fp32: bool = True,
+        config: Any = None,
+        **lora_kwargs: Any,
+    ) -> list[nn.Parameter]:
+        """Add a LoRA adapter to the denoiser via diffusers' PEFT integration and freeze all base weights.
+
+        Args:
+            rank, alpha, target_modules, dropout: `peft.LoraConfig`'s `r`, `lora_alpha`, `target_modules`,
+                `lora_dropout`. The defaults are the paper's (r16/alpha16 on the attention projections).
+            adapter_name: name of the adapter in the denoiser.
+            upcast_to_fp32: keep LoRA weights in fp32 when the denoiser is fp16/bf16, so that optimizer updates are
+                not lost to rounding (PEFT would otherwise create them in the base dtype).
+            config: a ready `peft.LoraConfig` (or other PEFT config); when given, the arguments above that build
+                one (rank, alpha, target_modules, dropout, lora_kwargs) are ignored.
+            **lora_kwargs: further `peft.LoraConfig` arguments (e.g. `init_lora_weights="gaussian"`).
+
+        Returns:
+            The trainable parameters (the LoRA weights), as :meth:`trainable_parameters` does.
+        """
+        if config is None:
+            from peft import LoraConfig
+
+            config = LoraConfig(
+                r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout, **lora_kwargs
+            )
+        denoiser = self.unwrapped_denoiser
+        denoiser.requires_grad_(False)
+        denoiser.add_adapter(config, adapter_name=adapter_name)
+        params = self.trainable_parameters()
+        if upcast_to_fp32:
+            for param in params:
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+        return params
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the denoiser with `requires_grad=True`."""
+        return [p for p in self.unwrapped_denoiser.parameters() if p.requires_grad]
+
+    # ---------------------------------------------------------------------------------------------------- decoding
+
+    def _needs_vae_upcast(self) -> bool:
+        return False
+
+    def _decoding_vae(self) -> nn.Module:
+        if not self._needs_vae_upcast():
+            return self.vae
+        # The pipeline upcasts its fp16 VAE in place for the call; we keep a frozen fp32 copy instead, because
+        # flipping the dtype of shared weights between a forward and its backward would corrupt the gradient.
+        device = next(self.vae.parameters()).device
+        if self._vae_fp32 is None:
+            self._vae_fp32 = copy.deepcopy(self.vae).to(torch.float32).eval().requires_grad_(False)
+        if next(self._vae_fp32.parameters()).device != device:  # follow the pipeline when it is moved
+            self._vae_fp32.to(device)
+        return self._vae_fp32
+
+    def _unscale_latents(self, latents: Tensor) -> Tensor:
+        # UNet space -> VAE space, including the per-channel mean/std some VAEs declare (as the SDXL pipeline does).
+        config = self.vae.config
+        mean = getattr(config, "latents_mean", None)
+        std = getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            channels = latents.shape[1]
+            mean_t = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+            std_t = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+            return latents * std_t / config.scaling_factor + mean_t
+        return latents / config.scaling_factor
+
+    def _decode_chunk(self, latents: Tensor, watermark: bool) -> Tensor:
+        vae = self._decoding_vae()
+        param = next(vae.parameters())
+        latents = latents.to(device=param.device, dtype=param.dtype)
+        image = vae.decode(self._unscale_latents(latents), return_dict=False)[0]
+        marker = getattr(self.pipeline, "watermark", None)
+        if watermark and marker is not None:
+            image = marker.apply_watermark(image)
+        return self.pipeline.image_processor.postprocess(image, output_type="pt").to(torch.float32)
+
+    def decode(
+        self,
+        latents: Tensor,
+        output_type: str = "pt",
+        chunk_size: int | None = None,
+        requires_grad: bool = False,
+    ) -> Tensor | list[Any]:
+        """Decode UNet-space latents to images as the pipeline does after its last step.
+
+        Args:
+            latents: `(B, C, h, w)` latents from :meth:`sample` / :meth:`reference`.
+            output_type: `"pt"` for a float32 tensor `(B, 3, H, W)` in [0, 1], `"pil"` for a list of PIL images.
+            chunk_size: decode at most this many latents at once (VAE memory); default :attr:`decode_chunk_size`,
+                or all at once.
+            requires_grad: keep the graph back to `latents` (pixel feature maps). Only with `output_type="pt"`;
+                the SDXL invisible watermark, a non-differentiable post-process, is then skipped.
+
+        The safety checker of `StableDiffusionPipeline` is never run.
+        """
+        if output_type not in ("pt", "pil"):
+            raise ValueError(f"output_type must be 'pt' or 'pil', got {output_type!r}.")
+        if requires_grad and output_type != "pt":
+            raise ValueError("A differentiable decode needs output_type='pt'.")
+        chunk_size = chunk_size or self.decode_chunk_size or latents.shape[0]
+        grad_context = contextlib.nullcontext() if requires_grad else torch.no_grad()
+        with grad_context:
+            images = torch.cat(
+                [self._decode_chunk(chunk, watermark=not requires_grad) for chunk in latents.split(chunk_size)]
+            )
+        if output_type == "pil":
+            return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
+        return images
+
+    def decode_with_grad(self, latents: Tensor, chunk_size: int | None = None) -> Tensor:
+        """:meth:`decode` keeping the graph to `latents`: float32 `(B, 3, H, W)` in [0, 1]."""
+        return self.decode(latents, output_type="pt", chunk_size=chunk_size, requires_grad=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Adapters
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _timestep_cond(generator: OneStepGenerator, batch_size: int, latents: Tensor) -> Tensor | None:
+    # Guidance-distilled UNets (LCM-style `time_cond_proj_dim`) get the embedding of `guidance_scale - 1` with the
+    # guidance_scale=0.0 that one-step pipelines are called with.
+    dim = generator.unwrapped_denoiser.config.time_cond_proj_dim
+    if dim is None:
+        return None
+    w = torch.tensor(0.0 - 1).repeat(batch_size)
+    return generator.pipeline.get_guidance_scale_embedding(w, embedding_dim=dim).to(latents.device, latents.dtype)
+
+
+@register_generator(StableDiffusionPipeline)
+class StableDiffusionGenerator(OneStepGenerator):
+    """`StableDiffusionPipeline` (SD-Turbo, SD 1.x/2.x): one CLIP text encoder, max-length padding."""
+
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
+        prompt_embeds, _ = self.pipeline.encode_prompt(
+            prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return PromptEmbeds(prompt_embeds=prompt_embeds)
+
+    def denoiser_kwargs(self, embeds: PromptEmbeds, latents: Tensor) -> dict[str, Any]:
+        return {
+            "encoder_hidden_states": embeds.prompt_embeds,
+            "timestep_cond": _timestep_cond(self, len(embeds), latents),
+        }
+
+
+@register_generator(StableDiffusionXLPipeline)
+class StableDiffusionXLGenerator(OneStepGenerator):
+    """`StableDiffusionXLPipeline` (SDXL-Turbo, SDXL): two text encoders, pooled embeddings, size time ids."""
+
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
+        prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return PromptEmbeds(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
+
+    def time_ids(self, latents: Tensor, pooled: Tensor) -> Tensor:
+        """`(original_size, crop (0, 0), target_size)` for the latents' pixel size, as `pipe(height, width)` uses."""
+        size = (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
+        text_encoder_2 = self.pipeline.text_encoder_2
+        projection_dim = int(pooled.shape[-1]) if text_encoder_2 is None else int(text_encoder_2.config.projection_dim)
+        # `_get_add_time_ids` also checks the UNet's expected embedding width, with a helpful message.
+        time_ids = self.pipeline._get_add_time_ids(
+            size, (0, 0), size, dtype=pooled.dtype, text_encoder_projection_dim=projection_dim
+        )
+        return time_ids.to(latents.device).repeat(latents.shape[0], 1)
+
+    def denoiser_kwargs(self, embeds: PromptEmbeds, latents: Tensor) -> dict[str, Any]:
+        if embeds.pooled_prompt_embeds is None:
+            raise ValueError("SDXL denoisers need pooled prompt embeddings (PromptEmbeds.pooled_prompt_embeds).")
+        time_ids = embeds.add_time_ids
+        if time_ids is None:
+            time_ids = self.time_ids(latents, embeds.pooled_prompt_embeds)
+        return {
+            "encoder_hidden_states": embeds.prompt_embeds,
+            "timestep_cond": _timestep_cond(self, len(embeds), latents),
+            "added_cond_kwargs": {"text_embeds": embeds.pooled_prompt_embeds, "time_ids": time_ids},
+        }
+
+    def _needs_vae_upcast(self) -> bool:
+        return self.vae.dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))

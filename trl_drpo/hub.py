@@ -1,0 +1,243 @@
+"""Adapters on disk and on the Hub: diffusers-format LoRA files and the DrPO model card."""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import Enum
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+MODEL_CARD_TEMPLATE = "drpo_lora.md"
+
+
+def save_adapter(pipeline: Any, denoiser: torch.nn.Module, output_dir: str, adapter_name: str = "default") -> str:
+    """Save the denoiser's LoRA adapter with the pipeline class's own `save_lora_weights`, in diffusers' format
+    with the adapter's metadata, so that ``pipe.load_lora_weights(output_dir)`` restores it."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    metadata_ = denoiser.peft_config[adapter_name].to_dict()
+    type(pipeline).save_lora_weights(
+        output_dir,
+        unet_lora_layers={key: value.detach().float().cpu() for key, value in state.items()},
+        unet_lora_adapter_metadata=metadata_,
+        safe_serialization=True,
+        weight_name=LORA_WEIGHT_NAME,
+    )
+    return os.path.join(output_dir, LORA_WEIGHT_NAME)
+
+
+def load_adapter(denoiser: torch.nn.Module, checkpoint_dir: str, adapter_name: str = "default") -> None:
+    """Load a `save_adapter` file back into an already-injected adapter (used to resume training)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = os.path.join(checkpoint_dir, LORA_WEIGHT_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No DrPO adapter at {path}: is {checkpoint_dir!r} a DrPO checkpoint folder?")
+    prefix = "unet."
+    state = {key[len(prefix) :]: value for key, value in load_file(path).items() if key.startswith(prefix)}
+    result = set_peft_model_state_dict(denoiser, state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"The adapter at {path} does not match the model: unexpected keys {unexpected[:5]}.")
+
+
+def _template_path() -> Path:
+    here = Path(__file__).resolve().parent
+    for folder in (here.parent / "model_cards", here / "model_cards"):
+        if (folder / MODEL_CARD_TEMPLATE).is_file():
+            return folder / MODEL_CARD_TEMPLATE
+    raise FileNotFoundError(f"Model card template {MODEL_CARD_TEMPLATE} not found next to trl_drpo.")
+
+
+def _versions() -> list[tuple[str, str]]:
+    out = []
+    for name in ("trl_drpo", "diffusers", "transformers", "peft", "trl", "accelerate", "torch"):
+        try:
+            out.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _hub_id_or_none(name: str | None) -> str | None:
+    """`name` if it reads as a Hub repo id rather than a local path; the card's metadata only takes Hub ids."""
+    if not name or os.path.exists(name) or not _HUB_ID.match(name) or ".." in name:
+        return None
+    return name
+
+
+def base_model_id(pipeline: Any) -> str | None:
+    """The Hub id or path the pipeline was loaded from, if any."""
+    name = getattr(getattr(pipeline, "config", None), "_name_or_path", None) or getattr(pipeline, "name_or_path", None)
+    return str(name) if name else None
+
+
+_CARD_HYPERPARAMETERS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "weight_decay",
+    "max_grad_norm",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_generations",
+    "num_positives",
+    "num_negatives",
+    "anchor_selection",
+    "kernel",
+    "preference_radii",
+    "reference_radii",
+    "positive_weight",
+    "negative_weight",
+    "reference_weight",
+    "reference_negative_weight",
+    "reference_loss_weight",
+    "drift_step",
+    "feature_map",
+    "feature_keys",
+    "feature_aggregation",
+    "lora_rank",
+    "lora_alpha",
+    "lora_target_modules",
+    "resolution",
+    "seed",
+)
+
+
+def _precision(args: Any) -> str:
+    return "fp16" if getattr(args, "fp16", False) else "bf16" if getattr(args, "bf16", False) else "fp32"
+
+
+def _display_value(value: Any) -> Any:
+    # Enums (e.g. the scheduler type) read better as their value than as `SchedulerType.CONSTANT`.
+    return value.value if isinstance(value, Enum) else value
+
+
+def _metric_label(key: str) -> str:
+    # "rewards/pickscore/mean" -> "pickscore"; the ensemble "reward" is the weighted mean of the raw rewards.
+    if key == "reward":
+        return "reward (weighted mean)"
+    parts = key.split("/")
+    return parts[1] if len(parts) == 3 and parts[0] == "rewards" and parts[2] == "mean" else key
+
+
+def _secrets(args: Any) -> list[str]:
+    """Tokens that must never reach a card: the run's Hub token and the ones in the environment."""
+    values = [getattr(args, "hub_token", None)]
+    values += [os.environ.get(name) for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")]
+    return [value for value in values if isinstance(value, str) and len(value) >= 4]
+
+
+def render_model_card(
+    pipeline: Any,
+    args: Any,
+    reward_names: list[str],
+    reward_weights: list[float],
+    tags: list[str],
+    eval_metrics: dict[str, float] | None = None,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    extra_tags: list[str] | None = None,
+    sample_grid: str | None = None,
+    repo_id: str | None = None,
+):
+    """Render the DrPO model card (a `huggingface_hub.ModelCard`) from the template in ``model_cards/``.
+
+    The card carries the diffusers LoRA metadata (``library_name: diffusers``, ``pipeline_tag: text-to-image``,
+    ``base_model`` when the base is a Hub id, the tags), the rewards and their weights, key hyperparameters,
+    base-vs-tuned rewards when an evaluation ran (``eval_metrics`` as `DrPOTrainer.evaluate` returns them), an
+    optional sample grid (a path relative to the card), a quick start and the framework versions. It never includes a
+    token: the run's ``hub_token`` and the ``HF_TOKEN`` of the environment are scrubbed from the text in case a
+    user-supplied string (a dataset URL, a model name) carried one.
+
+    Args:
+        repo_id: the Hub repo the card describes, for the quick start; defaults to `args.hub_model_id`, then
+            `model_name`, then the name of `args.output_dir`.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = base_model_id(pipeline)
+    base_hub_id = _hub_id_or_none(base)
+    repo_id = repo_id or args.hub_model_id or model_name or Path(args.output_dir).name
+    dataset = dataset_name or getattr(args, "dataset_name", None)
+    total = sum(reward_weights) or 1.0
+    all_tags = list(dict.fromkeys([*tags, *(extra_tags or []), "lora"]))
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        base_model=base_hub_id,
+        tags=all_tags,
+        license="apache-2.0",
+        datasets=[_hub_id_or_none(dataset)] if _hub_id_or_none(dataset) else None,
+    )
+    metrics = []
+    eval_metrics = eval_metrics or {}
+    for key, tuned in sorted(eval_metrics.items(), key=lambda item: (item[0] != "eval_reward", item[0])):
+        if key.startswith("eval_base_") or not isinstance(tuned, (int, float)):
+            continue
+        base_key = "eval_base_" + key[len("eval_") :]
+        if base_key in eval_metrics:
+            base_value = eval_metrics[base_key]
+            metrics.append(
+                (_metric_label(key[len("eval_") :]), f"{base_value:.4g}", f"{tuned:.4g}", f"{tuned - base_value:+.3g}")
+            )
+    hyperparameters = [
+        (name, _display_value(getattr(args, name))) for name in _CARD_HYPERPARAMETERS if hasattr(args, name)
+    ]
+    hyperparameters.append(("mixed_precision", _precision(args)))
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(_template_path()),
+        model_name=model_name or Path(repo_id).name,
+        repo_id=repo_id,
+        base_model_id=base or "<base model id or path>",
+        base_model_display=base or "a one-step text-to-image pipeline",
+        base_model_url=f"https://huggingface.co/{base_hub_id}" if base_hub_id else "#",
+        rewards=[(name, weight / total) for name, weight in zip(reward_names, reward_weights)],
+        metrics=metrics,
+        eval_seeds=list(getattr(args, "eval_seeds", []) or []),
+        # A local prompt file is named, not located: its path says nothing to readers and may be private.
+        dataset=dataset if _hub_id_or_none(dataset) or not dataset else os.path.basename(os.path.normpath(dataset)),
+        dataset_url=f"https://huggingface.co/datasets/{_hub_id_or_none(dataset)}"
+        if _hub_id_or_none(dataset)
+        else None,
+        sample_grid=sample_grid,
+        hyperparameters=hyperparameters,
+        versions=_versions(),
+    )
+    text = str(card)
+    secrets = _secrets(args)
+    if any(secret in text for secret in secrets):
+        for secret in secrets:
+            text = text.replace(secret, "<redacted>")
+        card = ModelCard(text)
+    return card
+
+
+def save_sample_grid(trainer: Any, prompts: list[str], seeds: list[int], path: str, min_cell: int = 128) -> str:
+    """Render `prompts` with fixed `seeds` from the base generator (top rows) and the tuned one (bottom rows), same
+    noise for both, and save the grid as a PNG at `path` (for the model card's ``sample_grid``).
+
+    Each row holds one seed's images of all prompts, so a column compares one prompt across seeds and models. Call
+    it on every process of a distributed run (the denoiser may be wrapped for data parallelism, so all ranks run the
+    same forward passes); only the main process writes the file. Returns `path`.
+    """
+    from .visualization import save_image_grid
+
+    base = trainer.render(prompts, seeds, adapter=False)
+    tuned = trainer.render(prompts, seeds, adapter=True)
+    if trainer.is_world_process_zero():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_image_grid(torch.cat([base, tuned]), path, columns=len(prompts), min_cell=min_cell)
+    return path

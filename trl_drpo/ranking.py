@@ -1,0 +1,141 @@
+"""Turning rewards into anchors: reward ensembles and positive / negative selection rules.
+
+Pure torch. Scores are ``(B, K)``: ``K`` candidates for each of ``B`` prompts. A reward is only ever used to rank
+candidates within one prompt's group (section 2.2 of the method document), so every rule here works per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+SELECTION_RULES = ("topk", "mean_split", "threshold")
+
+
+@dataclass
+class AnchorSelection:
+    """Indices, into one prompt's ``K`` candidates, of the positive and negative anchors (disjoint)."""
+
+    positives: torch.Tensor
+    negatives: torch.Tensor
+
+
+def _check_scores(scores: torch.Tensor) -> torch.Tensor:
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    if scores.ndim != 2:
+        raise ValueError(f"Scores must be (prompts, candidates), got shape {tuple(scores.shape)}.")
+    if not torch.isfinite(scores).all():
+        raise ValueError("Scores contain NaN or infinite values.")
+    return scores
+
+
+def zscore(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Standardise each row (one prompt's candidates). A constant row maps to zeros rather than to NaN."""
+    scores = _check_scores(scores)
+    centred = scores - scores.mean(dim=1, keepdim=True)
+    std = centred.pow(2).mean(dim=1, keepdim=True).sqrt()
+    return torch.where(std > eps, centred / std.clamp_min(eps), torch.zeros_like(centred))
+
+
+def reward_ensemble(
+    scores: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Combine several rewards into one ranking score per candidate (section 2.2, `score_reward_ensemble`).
+
+    Each reward's ``(B, K)`` scores are z-scored within each prompt's group, then averaged with ``weights``
+    normalised to sum to one. With a single reward the ranking is that reward's own.
+    """
+    if isinstance(scores, torch.Tensor):
+        scores = list(scores) if scores.ndim == 3 else [scores]
+    if not scores:
+        raise ValueError("At least one reward is needed.")
+    if weights is None:
+        weights = [1.0] * len(scores)
+    if len(weights) != len(scores):
+        raise ValueError(f"Got {len(weights)} reward weights for {len(scores)} rewards.")
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"Reward weights must be non-negative with a positive sum, got {list(weights)}.")
+    w = w / w.sum()
+    standardised = [zscore(s) for s in scores]
+    shapes = {tuple(z.shape) for z in standardised}
+    if len(shapes) > 1:
+        raise ValueError(f"All rewards must score the same (prompts, candidates); got shapes {sorted(shapes)}.")
+    return sum(wi * z for wi, z in zip(w.tolist(), standardised))
+
+
+def top_bottom_k(scores: torch.Tensor, num_positives: int, num_negatives: int) -> list[AnchorSelection]:
+    """Top ``num_positives`` candidates as positives and bottom ``num_negatives`` as negatives, per prompt.
+
+    Ties are broken by candidate order (a stable sort), so the selection is deterministic.
+    """
+    scores = _check_scores(scores)
+    k = scores.shape[1]
+    if num_positives < 1 or num_negatives < 0 or num_positives + num_negatives > k:
+        raise ValueError(
+            f"Cannot pick {num_positives} positives and {num_negatives} negatives from {k} candidates: "
+            "they must be disjoint (num_positives + num_negatives <= num_generations) with at least one positive."
+        )
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return [AnchorSelection(positives=row[:num_positives], negatives=row[k - num_negatives :]) for row in order]
+
+
+def mean_split(scores: torch.Tensor) -> list[AnchorSelection | None]:
+    """Candidates above their prompt's mean score are positives, those below are negatives ("advsign" rule).
+
+    A prompt whose scores are all equal carries no preference and yields None (skip it).
+    """
+    scores = _check_scores(scores)
+    advantage = scores - scores.mean(dim=1, keepdim=True)
+    out: list[AnchorSelection | None] = []
+    for row in advantage:
+        pos, neg = torch.nonzero(row > 0).flatten(), torch.nonzero(row < 0).flatten()
+        out.append(AnchorSelection(pos, neg) if len(pos) and len(neg) else None)
+    return out
+
+
+def threshold_split(
+    scores: torch.Tensor,
+    threshold: float,
+    num_positives: int,
+    num_negatives: int,
+    generator: torch.Generator | None = None,
+) -> list[AnchorSelection | None]:
+    """Pass/fail rule for binary rewards (GenEval-style, section 2.2).
+
+    Candidates scoring ``>= threshold`` pass. Up to ``num_positives`` positives and ``num_negatives`` negatives are
+    drawn at random from the pass and fail pools (with ``generator`` for reproducibility). A prompt with an empty
+    pool carries no preference and yields None (skip it).
+    """
+    scores = _check_scores(scores)
+    out: list[AnchorSelection | None] = []
+    for row in scores:
+        passed, failed = torch.nonzero(row >= threshold).flatten(), torch.nonzero(row < threshold).flatten()
+        if not len(passed) or not len(failed):
+            out.append(None)
+            continue
+        passed = passed[torch.randperm(len(passed), generator=generator)[:num_positives]]
+        failed = failed[torch.randperm(len(failed), generator=generator)[:num_negatives]]
+        out.append(AnchorSelection(passed, failed))
+    return out
+
+
+def select_anchors(
+    scores: torch.Tensor,
+    rule: str,
+    num_positives: int,
+    num_negatives: int,
+    threshold: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> list[AnchorSelection | None]:
+    """Dispatch to a selection rule by name: ``topk``, ``mean_split`` or ``threshold``."""
+    if rule == "topk":
+        return list(top_bottom_k(scores, num_positives, num_negatives))
+    if rule == "mean_split":
+        return mean_split(scores)
+    if rule == "threshold":
+        return threshold_split(scores, threshold, num_positives, num_negatives, generator)
+    raise ValueError(f"Unknown anchor selection rule {rule!r}; choose one of {SELECTION_RULES}.")
