@@ -667,15 +667,13 @@ def test_reward_rejects_a_prompt_count_that_does_not_match_the_images():
 
 
 def test_a_builtin_model_reward_by_name_drives_a_short_drpo_trainer_run(clip_dir, tmp_path):
-    from trl_drpo import DrPOConfig, DrPOTrainer
-    from trl_drpo.testing import tiny_sd_pipeline
+    from trl_drpo import DrPOTrainer
+    from trl_drpo.testing import tiny_drpo_config, tiny_sd_pipeline
 
-    funcs, weights = load_rewards([{"name": "clip_score", "model_name_or_path": clip_dir, "device": "cpu"}, "jpeg_compressibility"])
-    config = DrPOConfig(
-        output_dir=str(tmp_path / "out"), max_steps=2, num_generations=4, num_positives=1, num_negatives=1,
-        gradient_accumulation_steps=1, per_device_train_batch_size=1, lora_rank=4, lora_alpha=4,
-        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, reward_weights=weights,
+    funcs, weights = load_rewards(
+        [{"name": "clip_score", "model_name_or_path": clip_dir, "device": "cpu"}, "jpeg_compressibility"]
     )
+    config = tiny_drpo_config(tmp_path / "out", per_device_train_batch_size=1, reward_weights=weights)
     trainer = DrPOTrainer(tiny_sd_pipeline(), funcs, config, train_dataset=PROMPTS)
     trainer.train()
     logged = {key for entry in trainer.state.log_history for key in entry}

@@ -12,40 +12,17 @@ import pytest
 import torch
 from datasets import Dataset
 
-from trl_drpo import DrPOConfig, DrPOTrainer
+from trl_drpo import DrPOTrainer
 from trl_drpo.hub import LORA_WEIGHT_NAME
 from trl_drpo.rewards import JpegCompressibility
-from trl_drpo.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from trl_drpo.testing import mean_brightness, tiny_drpo_config, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
 PROMPTS = ["a red apple", "a blue car", "a green tree", "a yellow bird"]
 
 
-def mean_brightness(images, prompts):
-    """A cheap non-differentiable reward for plumbing tests: mean pixel value, computed in numpy."""
-    return [float(np.asarray(image).mean()) for image in images]
-
-
-def small_config(tmp_path, **overrides) -> DrPOConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        num_generations=4,
-        num_positives=1,
-        num_negatives=1,
-        gradient_accumulation_steps=1,
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        lora_rank=4,
-        lora_alpha=4,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return DrPOConfig(**values)
+def small_config(tmp_path, **overrides):
+    return tiny_drpo_config(tmp_path / "out", **overrides)
 
 
 def lora_state(trainer) -> dict[str, torch.Tensor]:
@@ -157,8 +134,9 @@ def test_drpo_raises_jpeg_compressibility_on_held_out_prompts_and_seeds(tmp_path
     trainer.train()
     metrics = trainer.evaluate(HELD_OUT_PROMPTS)
     assert config.eval_seeds == HELD_OUT_SEEDS
-    # JPEG compressibility is minus the file size in kB; the margin is well below what the run achieves.
-    assert metrics["eval_reward"] > metrics["eval_base_reward"] + 0.05, metrics
+    # JPEG compressibility is minus the file size in kB (about 3.97 kB for the base at 64 px); this run gains about
+    # 0.09 kB, and the margin asks for a third of that.
+    assert metrics["eval_reward"] > metrics["eval_base_reward"] + 0.03, metrics
 
 
 @pytest.mark.slow
@@ -170,7 +148,8 @@ def test_drpo_raises_jpeg_compressibility_on_the_tiny_sdxl_pipeline(tmp_path):
     trainer = DrPOTrainer(tiny_sdxl_pipeline(), JpegCompressibility(), config, train_dataset=TRAIN_PROMPTS)
     trainer.train()
     metrics = trainer.evaluate(HELD_OUT_PROMPTS)
-    assert metrics["eval_reward"] > metrics["eval_base_reward"] + 0.03, metrics
+    # About 3.85 kB for the base; this run gains about 0.15 kB, and the margin asks for a third of that.
+    assert metrics["eval_reward"] > metrics["eval_base_reward"] + 0.05, metrics
 
 
 def test_logged_metrics_use_trl_names(tmp_path):
@@ -333,20 +312,14 @@ def test_missing_prompts_is_a_clear_error(tmp_path):
 
 
 DISTRIBUTED_SCRIPT = """
-import sys, torch
+import sys
 from safetensors.torch import save_file
-from trl_drpo import DrPOConfig, DrPOTrainer
-from trl_drpo.testing import tiny_sd_pipeline
-
-def brightness(images, prompts):
-    return [float(torch.tensor(list(im.getdata()), dtype=torch.float32).mean()) for im in images]
+from trl_drpo import DrPOTrainer
+from trl_drpo.testing import mean_brightness, tiny_drpo_config, tiny_sd_pipeline
 
 out = sys.argv[1]
-config = DrPOConfig(output_dir=out, max_steps=2, num_generations=4, num_positives=1, num_negatives=1,
-                    gradient_accumulation_steps=1, per_device_train_batch_size=1, learning_rate=1e-3, lora_rank=4,
-                    lora_alpha=4, save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
-                    logging_steps=1)
-trainer = DrPOTrainer(tiny_sd_pipeline(), brightness, config, train_dataset=["a", "b", "c", "d", "e", "f"])
+config = tiny_drpo_config(out, per_device_train_batch_size=1)
+trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=["a", "b", "c", "d", "e", "f"])
 trainer.train()
 rank = trainer.accelerator.process_index
 state = {n: p.detach().contiguous() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
@@ -368,7 +341,6 @@ def test_two_process_accelerate_launch_keeps_adapters_identical(tmp_path):
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--cpu",
         "--multi_gpu",
         "--num_processes",
         "2",
@@ -389,3 +361,91 @@ def test_two_process_accelerate_launch_keeps_adapters_identical(tmp_path):
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
     # The adapters moved away from their zero-initialised B matrices.
     assert any(rank0[name].abs().max() > 0 for name in rank0 if "lora_B" in name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory and precision options
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def one_step_gradients(tmp_path, pipe=None, **overrides) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    trainer = DrPOTrainer(
+        pipe or tiny_sd_pipeline(), mean_brightness, small_config(tmp_path, **overrides), train_dataset=PROMPTS
+    )
+    with torch.no_grad():
+        for name, p in trainer.generator.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    trainer.training_step(trainer.model, trainer.data_collator([{"prompt": p} for p in PROMPTS[:2]]))
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_goes_through_diffusers_and_keeps_the_gradient(tmp_path):
+    plain = one_step_gradients(tmp_path)
+    checkpointed = one_step_gradients(tmp_path, gradient_checkpointing=True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_autocast_keeps_trainable_weights_in_fp32(tmp_path):
+    pipe = tiny_sd_pipeline().to(torch.bfloat16)
+    trainer = DrPOTrainer(pipe, mean_brightness, small_config(tmp_path, bf16=True), train_dataset=PROMPTS)
+    trainer.train()
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters() if not p.requires_grad)
+    assert np.isfinite([e["loss"] for e in trainer.state.log_history if "loss" in e]).all()
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference_and_saves_the_denoiser(tmp_path):
+    pipe = tiny_sd_pipeline()
+    base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    trainer = DrPOTrainer(pipe, mean_brightness, small_config(tmp_path, use_lora=False), train_dataset=PROMPTS)
+    trainer.train()
+    assert any(not torch.equal(p.detach(), base[n]) for n, p in pipe.unet.named_parameters())
+    noise = trainer.generator.make_noise(2, torch.Generator().manual_seed(3))
+    embeds = trainer.generator.encode_prompts(PROMPTS[:2])
+    expected = tiny_sd_pipeline()(
+        PROMPTS[:2], num_inference_steps=1, guidance_scale=0.0, latents=noise, output_type="latent"
+    ).images
+    torch.testing.assert_close(trainer.generator.reference(embeds, noise), expected, rtol=1e-5, atol=1e-5)
+    trainer.save_model()
+    assert os.path.isfile(os.path.join(trainer.args.output_dir, "unet", "config.json"))
+
+
+def test_eight_bit_adamw_from_bitsandbytes_trains_the_adapter(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    trainer = DrPOTrainer(
+        tiny_sd_pipeline(), mean_brightness, small_config(tmp_path, optim="adamw_bnb_8bit"), train_dataset=PROMPTS
+    )
+    before = lora_state(trainer)
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert type(optimizer).__module__.startswith("bitsandbytes")
+    assert any(not torch.equal(lora_state(trainer)[name], value) for name, value in before.items())
+
+
+def test_image_grids_with_rewards_are_logged_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = small_config(tmp_path, report_to="tensorboard", log_images_steps=1)
+    DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS).train()
+    (run,) = (tmp_path / "out" / "runs").iterdir()
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert "train/candidates" in events.Tags()["images"]
+    assert len(events.Images("train/candidates")) == config.max_steps
+    assert any("train/candidates_rewards" in tag for tag in events.Tags()["tensors"])
+
+
+def test_periodic_evaluation_during_training_logs_tuned_and_base_rewards(tmp_path):
+    config = small_config(tmp_path, eval_strategy="steps", eval_steps=1, eval_prompts=["a house"], eval_seeds=[5])
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval_reward" in entry]
+    assert len(evals) == config.max_steps
+    assert all("eval_base_reward" in entry for entry in evals)
+    assert len({entry["eval_base_reward"] for entry in evals}) == 1, "the base reward is computed once"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import time
 from collections import defaultdict
@@ -14,6 +16,7 @@ import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from .drift import DrPOTargets, drpo_targets
 from .drpo_config import DrPOConfig
@@ -27,6 +30,44 @@ from .visualization import image_grid
 
 
 CONFIG_NAME = "drpo_config.json"
+_DEEPSPEED_CHUNK_ERROR = (
+    "DeepSpeed steps its engine on every backward call, so the chunked gradient pass cannot run under it: set "
+    "candidate_chunk_size=None (one graph over all candidates) with DeepSpeed."
+)
+
+
+class _ConfigView(dict):
+    """A diffusers model config with the two methods transformers' reporting callbacks call on `model.config`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self, indent=2, sort_keys=True, default=str)
+
+
+class _CallbackModel:
+    """What reporting callbacks see as the model: the denoiser, with a `config` they can serialise (diffusers
+    configs are FrozenDicts, which TensorBoard's and W&B's callbacks cannot)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+        self.config = _ConfigView(getattr(model, "config", {}) or {})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class _DrPOCallbackHandler(CallbackHandler):
+    """Hands callbacks a `_CallbackModel` whenever the trainer (re)assigns `model`."""
+
+    @property
+    def model(self) -> Any:
+        return self._model_view
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        self._model_view = _CallbackModel(value) if value is not None else None
 
 
 class DrPOTrainer(Trainer):
@@ -85,14 +126,13 @@ class DrPOTrainer(Trainer):
             split=args.dataset_train_split,
             config_name=args.dataset_config,
         )
+        if eval_dataset is None and args.eval_prompts:
+            eval_dataset = list(args.eval_prompts)
         if eval_dataset is not None:
             eval_dataset = load_prompt_dataset(eval_dataset, prompt_column=args.prompt_column, split="test")
-        chunk = args.candidate_chunk_size or args.num_generations
-        if chunk < args.num_generations and args.deepspeed:
-            raise ValueError(
-                "DeepSpeed steps its engine on every backward call, so the chunked gradient pass cannot run under "
-                "it: set candidate_chunk_size=None (one graph over all candidates) with DeepSpeed."
-            )
+        chunked = (args.candidate_chunk_size or args.num_generations) < args.num_generations
+        if chunked and args.deepspeed:
+            raise ValueError(_DEEPSPEED_CHUNK_ERROR)
 
         denoiser = self.generator.denoiser
         if args.use_lora:
@@ -109,19 +149,14 @@ class DrPOTrainer(Trainer):
         else:
             # Full fine-tuning: the reference must come from a frozen copy, since there is no adapter to disable.
             self.generator.set_reference_denoiser(copy.deepcopy(denoiser).requires_grad_(False).eval())
-            denoiser.requires_grad_(True)
+            # Trained weights stay in fp32 under fp16/bf16 autocast (add_lora does the same for LoRA weights).
+            denoiser.requires_grad_(True).float()
         self.peft_config = peft_config
-        # Trainable weights stay in fp32 under fp16/bf16 autocast, whatever dtype the pipeline was loaded in.
-        for param in denoiser.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-        # transformers would call `gradient_checkpointing_enable`, which diffusers models do not have.
+        # transformers would call `gradient_checkpointing_enable`, which diffusers models do not have: switch it on
+        # through diffusers' own API and take the flag off the arguments so the Trainer does not try again.
         if args.activation_checkpointing or args.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
             args.activation_checkpointing = args.gradient_checkpointing = False
-            self._gradient_checkpointing = True
-        else:
-            self._gradient_checkpointing = False
 
         super().__init__(
             model=denoiser,
@@ -131,6 +166,12 @@ class DrPOTrainer(Trainer):
             eval_dataset=eval_dataset,
             callbacks=callbacks,
             optimizers=optimizers,
+        )
+        if chunked and self.is_deepspeed_enabled:  # DeepSpeed may come from the accelerate config, not from args
+            raise ValueError(_DEEPSPEED_CHUNK_ERROR)
+        handler = self.callback_handler
+        self.callback_handler = _DrPOCallbackHandler(
+            handler.callbacks, self.model, self.processing_class, self.optimizer, self.lr_scheduler
         )
         self.generator.pipeline.to(self.accelerator.device)
         self.feature_map = build_feature_map(
@@ -157,8 +198,8 @@ class DrPOTrainer(Trainer):
             self._micro_step = [step, 0]
         micro = self._micro_step[1]
         self._micro_step[1] += 1
-        seed = ((self.args.seed * 1_000_003 + self.accelerator.process_index) * 1_000_033 + step) * 131 + micro
-        return torch.Generator().manual_seed(seed % (2**63))
+        key = f"{self.args.seed}/{self.accelerator.process_index}/{step}/{micro}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -338,8 +379,6 @@ class DrPOTrainer(Trainer):
             if not isinstance(dataset, (Dataset, IterableDataset)):
                 dataset = load_prompt_dataset(dataset, prompt_column=self.args.prompt_column, split="test")
             return [row[self.args.prompt_column] for row in dataset]
-        if self.args.eval_prompts:
-            return list(self.args.eval_prompts)
         raise ValueError("Nothing to evaluate: pass `eval_dataset` or set `eval_prompts` in DrPOConfig.")
 
     @torch.no_grad()
@@ -443,6 +482,7 @@ class DrPOTrainer(Trainer):
             reward_weights=self.reward_funcs.weights,
             tags=self._tag_names,
             eval_metrics=self._last_eval_metrics(),
+            repo_id=getattr(self, "hub_model_id", None),  # the full "user/name" once push_to_hub created the repo
             **kwargs,
         )
         card.save(os.path.join(output_dir, "README.md"))

@@ -7,9 +7,13 @@ import re
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -151,7 +155,7 @@ def render_model_card(
     extra_tags: list[str] | None = None,
     sample_grid: str | None = None,
     repo_id: str | None = None,
-):
+) -> ModelCard:
     """Render the DrPO model card (a `huggingface_hub.ModelCard`) from the template in ``model_cards/``.
 
     The card carries the diffusers LoRA metadata (``library_name: diffusers``, ``pipeline_tag: text-to-image``,

@@ -168,3 +168,36 @@ def tiny_sdxl_pipeline(seed: int = 0):
         force_zeros_for_empty_prompt=True,
     )
     return _finish(pipe)
+
+
+def mean_brightness(images, prompts) -> list[float]:
+    """A cheap non-differentiable reward for plumbing tests: each PIL image's mean pixel value (0-255)."""
+    import numpy as np
+
+    return [float(np.asarray(image).mean()) for image in images]
+
+
+def tiny_drpo_config(output_dir: str, **overrides):
+    """A `DrPOConfig` small enough for a CPU test step: K=4 with 1/1 anchors, two prompts per step, LoRA rank 4,
+    no accumulation, no checkpoints or reporting. ``overrides`` win."""
+    from .drpo_config import DrPOConfig
+
+    values = dict(
+        output_dir=str(output_dir),
+        max_steps=2,
+        num_generations=4,
+        num_positives=1,
+        num_negatives=1,
+        gradient_accumulation_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        lora_rank=4,
+        lora_alpha=4,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return DrPOConfig(**values)

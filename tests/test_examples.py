@@ -1,0 +1,133 @@
+"""The example scripts: their YAML recipes, their Accelerate configs, and real runs under `accelerate launch`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from trl_drpo.drpo_config import PRESETS
+from trl_drpo.hub import LORA_WEIGHT_NAME
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "examples")
+SCRIPTS = {"sd_turbo_paper": "train_sd_turbo.py", "sdxl_turbo_paper": "train_sdxl_turbo.py"}
+TINY = {"sd_turbo_paper": "trl-drpo/tiny-sd", "sdxl_turbo_paper": "trl-drpo/tiny-sdxl"}
+
+
+def load_example(script: str):
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), os.path.join(EXAMPLES, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse(preset: str, *argv: str):
+    """Parse an example's command line (CPU-safe: bf16 recipes are only accepted with use_cpu on a CPU)."""
+    parser = load_example(SCRIPTS[preset]).make_parser()
+    return parser.parse_args_and_config(["--use_cpu", "true", *argv])
+
+
+@pytest.mark.parametrize("preset", sorted(SCRIPTS))
+def test_yaml_config_reproduces_the_paper_preset(preset, tmp_path):
+    yaml_path = os.path.join(EXAMPLES, "configs", f"{preset}.yaml")
+    script_args, config = parse(preset, "--config", yaml_path, "--output_dir", str(tmp_path))
+    for name, value in PRESETS[preset].items():
+        assert getattr(config, name) == value, name
+    assert script_args.model_name_or_path == {"sd_turbo_paper": "stabilityai/sd-turbo"}.get(
+        preset, "stabilityai/sdxl-turbo"
+    )
+    assert script_args.variant == "fp16" and script_args.reward_funcs == ["pickscore"]
+    assert config.dataset_name and config.eval_prompts
+
+
+@pytest.mark.parametrize("preset", sorted(SCRIPTS))
+def test_example_defaults_to_the_paper_preset_without_a_config(preset, tmp_path):
+    _, config = parse(preset, "--output_dir", str(tmp_path))
+    for name, value in PRESETS[preset].items():
+        assert getattr(config, name) == value, name
+
+
+def test_flags_override_the_yaml_config(tmp_path):
+    yaml_path = os.path.join(EXAMPLES, "configs", "sd_turbo_paper.yaml")
+    argv = ["--config", yaml_path, "--output_dir", str(tmp_path), "--learning_rate", "5e-5", "--max_steps", "10"]
+    script_args, config = parse("sd_turbo_paper", *argv, "--reward_funcs", "pickscore", "aesthetic")
+    assert (config.learning_rate, config.max_steps) == (5e-5, 10)
+    assert config.num_generations == 24  # from the YAML
+    assert script_args.reward_funcs == ["pickscore", "aesthetic"]
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "deepspeed_zero2"])
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(os.path.join(EXAMPLES, "accelerate_configs", f"{name}.yaml"))
+    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED"}[name]
+    assert config.distributed_type.value == expected
+    if name == "deepspeed_zero2":
+        assert config.deepspeed_config["zero_stage"] == 2
+
+
+def test_readme_commands_name_files_that_exist():
+    text = open(os.path.join(EXAMPLES, "README.md"), encoding="utf-8").read()
+    assert "accelerate launch" in text and "deepspeed_zero2.yaml" in text and "multi_gpu.yaml" in text
+    for script in SCRIPTS.values():
+        assert script in text
+    paths = set(re.findall(r"examples/[\w/.-]+\.(?:py|yaml|txt)", text))
+    assert paths, "the README names the example files"
+    for path in paths:
+        assert os.path.isfile(os.path.join(REPO, path)), path
+
+
+def launch(script: str, argv: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(EXAMPLES, script), *argv]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(SCRIPTS))
+def test_example_trains_a_few_steps_under_accelerate_launch_and_writes_its_artefacts(preset, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--config", os.path.join(EXAMPLES, "configs", f"{preset}.yaml"), "--model_name_or_path", TINY[preset]]
+    # The paper's recipe at toy scale: tiny pipeline, K=4, two updates, fp32 on a CPU, a reward without a model.
+    argv += ["--output_dir", str(out), "--max_steps", "2", "--num_generations", "4", "--num_positives", "1"]
+    argv += ["--num_negatives", "1", "--gradient_accumulation_steps", "1", "--resolution", "32", "--use_cpu", "true"]
+    argv += ["--fp16", "false", "--bf16", "false", "--report_to", "none", "--dataloader_num_workers", "0"]
+    argv += [
+        "--reward_funcs",
+        "jpeg_compressibility",
+        "--save_steps",
+        "1",
+        "--eval_seeds",
+        "1",
+        "--disable_tqdm",
+        "true",
+    ]
+    argv += [
+        "--dataset_name",
+        os.path.join(EXAMPLES, "configs", "tiny_prompts.txt"),
+        "--eval_prompts",
+        "a house",
+        "a tree",
+    ]
+    launch(SCRIPTS[preset], argv, tmp_path)
+
+    for name in (LORA_WEIGHT_NAME, "README.md", "drpo_config.json", "samples.png", "eval_results.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint-2" / LORA_WEIGHT_NAME).is_file()
+    saved = json.loads((out / "drpo_config.json").read_text())
+    for name in ("learning_rate", "feature_aggregation", "reference_loss_weight"):
+        assert saved[name] == PRESETS[preset][name], name  # the recipe, where the command line did not scale it
+    card = (out / "README.md").read_text()
+    assert "![samples](samples.png)" in card and "| `jpeg_compressibility` | 1 |" in card
+    assert f"| reference_loss_weight | `{PRESETS[preset]['reference_loss_weight']}` |" in card

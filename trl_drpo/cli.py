@@ -1,0 +1,505 @@
+"""The ``trl-drpo`` command line: train, sample and evaluate DrPO adapters.
+
+    trl-drpo train --config examples/configs/sd_turbo_paper.yaml [--any_DrPOConfig_field value ...]
+    trl-drpo sample --model_name_or_path stabilityai/sd-turbo --adapter user/my-adapter --prompts "a cat" --seeds 0 1
+    trl-drpo evaluate --model_name_or_path stabilityai/sd-turbo --adapter ./drpo-sd-turbo \\
+        --reward_funcs pickscore aesthetic --prompts_file prompts.txt --output_file eval.json
+
+`train` parses `DrPOConfig` plus the script arguments below from flags and an optional YAML file (``--config``; flags
+win over the file), exactly like the example scripts; on several GPUs run it through Accelerate:
+``accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml -m trl_drpo.cli train --config ...``.
+`sample` and `evaluate` render fixed-seed images with the pipeline itself (one step, no guidance), base model and
+adapter with the same initial noise, following the trainer's protocol: image ``(seed, i)`` starts from the noise
+seeded with ``seed * 10**6 + i``. ``--model_name_or_path trl-drpo/tiny-sd`` (or ``trl-drpo/tiny-sdxl``) selects the
+tiny offline pipeline of `trl_drpo.testing` instead of a Hub id or local folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    import torch
+
+    from .drpo_config import DrPOConfig
+    from .drpo_trainer import DrPOTrainer
+
+
+TINY_MODELS = {"trl-drpo/tiny-sd": "tiny_sd_pipeline", "trl-drpo/tiny-sdxl": "tiny_sdxl_pipeline"}
+"""Model names that select the tiny offline pipelines of `trl_drpo.testing` (for tests and CPU smoke runs)."""
+
+SAMPLE_GRID_NAME = "samples.png"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    """Which pipeline to load and how."""
+
+    model_name_or_path: str = field(
+        default="stabilityai/sd-turbo",
+        metadata={"help": "Hub id or local folder of a diffusers pipeline; trl-drpo/tiny-sd(xl) for the tiny one."},
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    variant: str | None = field(default=None, metadata={"help": "Weights variant to load, e.g. fp16."})
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Dtype of the pipeline's weights: auto, float32, float16 or bfloat16. For training, auto follows "
+            "the mixed precision (fp16/bf16 flags), else float32; for sampling, float16 on GPU and float32 on CPU."
+        },
+    )
+
+
+@dataclass
+class TrainScriptArguments(ModelArguments):
+    """Arguments of `trl-drpo train` and the example scripts besides `DrPOConfig`."""
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["pickscore"],
+        metadata={
+            "help": "Rewards by registered name (see trl_drpo.rewards.available_rewards()) or 'module:attribute'; "
+            "weigh them with --reward_weights."
+        },
+    )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Held-out prompts for evaluate() (Hub dataset id or local file); else --eval_prompts."},
+    )
+    eval_dataset_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name."})
+    max_eval_prompts: int | None = field(default=None, metadata={"help": "Use at most this many eval prompts."})
+    sample_prompts: list[str] | None = field(
+        default=None,
+        metadata={"help": "Prompts of the model card's sample grid; defaults to the first 4 evaluation prompts."},
+    )
+
+
+@dataclass
+class GenerationArguments(ModelArguments):
+    """Arguments shared by `sample` and `evaluate`: model, adapter, prompts, seeds, device."""
+
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "DrPO/diffusers LoRA adapter: a local folder or .safetensors file, or a Hub repo id."},
+    )
+    adapter_weight_name: str | None = field(
+        default=None, metadata={"help": "File name of the adapter inside its folder or repo, if ambiguous."}
+    )
+    prompts: list[str] | None = field(default=None, metadata={"help": "Prompts to render."})
+    prompts_file: str | None = field(
+        default=None,
+        metadata={"help": "Prompts from a file (.txt one per line, .json/.jsonl/.csv/.parquet) or a Hub dataset id."},
+    )
+    prompt_column: str = field(default="prompt", metadata={"help": "Column of prompts_file holding the prompts."})
+    prompts_split: str = field(default="test", metadata={"help": "Split of prompts_file when it is a Hub dataset."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many prompts."})
+    seeds: list[int] = field(
+        default_factory=lambda: [1234, 1235], metadata={"help": "Seeds; every prompt is rendered once per seed."}
+    )
+    resolution: int | None = field(default=None, metadata={"help": "Image side in pixels; default: the model's."})
+    batch_size: int = field(default=8, metadata={"help": "Images per pipeline call."})
+    device: str | None = field(default=None, metadata={"help": "Device; default: cuda if available, else cpu."})
+
+
+@dataclass
+class SampleArguments(GenerationArguments):
+    """Arguments of `trl-drpo sample`."""
+
+    output_dir: str = field(default="drpo-samples", metadata={"help": "Folder for the PNGs and manifest.json."})
+    compare: bool = field(
+        default=False,
+        metadata={"help": "Also render the base model with the same noise (base/) and write a comparison grid."},
+    )
+
+
+@dataclass
+class EvaluateArguments(GenerationArguments):
+    """Arguments of `trl-drpo evaluate`."""
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["pickscore"],
+        metadata={"help": "Rewards by registered name or 'module:attribute'."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward for the weighted mean 'reward'; default equal."}
+    )
+    output_file: str = field(default="drpo-eval.json", metadata={"help": "Where to write the results (JSON)."})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks (used by the example scripts too)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(
+    name: str | None, *, fp16: bool = False, bf16: bool = False, device: str | None = None
+) -> torch.dtype:
+    """A `torch.dtype` from a name; ``"auto"`` gives the mixed-precision dtype when `fp16` / `bf16` is set, else
+    float16 on a CUDA `device` (for inference) and float32 otherwise."""
+    import torch
+
+    name = (name or "auto").lower().removeprefix("torch.")
+    if name == "auto":
+        if fp16:
+            return torch.float16
+        if bf16:
+            return torch.bfloat16
+        return torch.float16 if device is not None and str(device).startswith("cuda") else torch.float32
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+    dtype = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"Unknown torch_dtype {name!r}: use auto, float32, float16 or bfloat16.")
+    return dtype
+
+
+def load_pipeline(
+    model_name_or_path: str,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+) -> Any:
+    """Load a diffusers text-to-image pipeline from a Hub id or a local folder, or build the tiny offline one for the
+    names in `TINY_MODELS`. The progress bar is disabled: DrPO pipelines run a single step."""
+    if model_name_or_path in TINY_MODELS:
+        import torch
+
+        from . import testing
+
+        pipe = getattr(testing, TINY_MODELS[model_name_or_path])()  # float32 weights
+        return pipe.to(dtype=torch_dtype) if torch_dtype not in (None, torch.float32) else pipe
+    from diffusers import DiffusionPipeline
+
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "revision": revision}
+    if variant:
+        kwargs["variant"] = variant
+    pipe = DiffusionPipeline.from_pretrained(model_name_or_path, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def read_prompts(
+    prompts: Sequence[str] | None = None,
+    prompts_file: str | None = None,
+    prompt_column: str = "prompt",
+    split: str = "test",
+    max_prompts: int | None = None,
+) -> list[str]:
+    """Prompts from a list and/or a file or Hub dataset (see `trl_drpo.prompts.load_prompt_dataset`), in order."""
+    out = list(prompts or [])
+    if prompts_file:
+        from .prompts import load_prompt_dataset
+
+        dataset = load_prompt_dataset(prompts_file, prompt_column=prompt_column, split=split)
+        out += [str(row[prompt_column]) for row in dataset]
+    if max_prompts is not None:
+        out = out[:max_prompts]
+    if not out:
+        raise ValueError("No prompts: pass --prompts and/or --prompts_file.")
+    return out
+
+
+def render_images(
+    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], resolution: int | None = None, batch_size: int = 8
+) -> torch.Tensor:
+    """Images ``(len(seeds) * len(prompts), 3, H, W)`` in [0, 1] on the CPU, seed-major, rendered by `pipe` itself
+    in one step without guidance. Image ``(seed, i)`` starts from the noise seeded with ``seed * 10**6 + i``, the
+    protocol of `DrPOTrainer.render`, so base, adapter and training-time evaluation images are comparable."""
+    import torch
+
+    from .generators import OneStepGenerator
+
+    generator = OneStepGenerator.from_pipeline(pipe, resolution=resolution)
+    jobs = [(prompt, seed * 10**6 + i) for seed in seeds for i, prompt in enumerate(prompts)]
+    images = []
+    for begin in range(0, len(jobs), batch_size):
+        chunk = jobs[begin : begin + batch_size]
+        noise = torch.cat([generator.make_noise(1, torch.Generator().manual_seed(s)) for _, s in chunk])
+        with torch.no_grad():
+            out = pipe(
+                prompt=[p for p, _ in chunk],
+                num_inference_steps=1,
+                guidance_scale=0.0,
+                latents=noise,
+                height=generator.resolution,
+                width=generator.resolution,
+                output_type="pt",
+            ).images
+        images.append(out.float().cpu())
+    return torch.cat(images)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_for_generation(args: GenerationArguments) -> Any:
+    device = args.device or _default_device()
+    dtype = resolve_dtype(args.torch_dtype, device=device)
+    pipe = load_pipeline(
+        args.model_name_or_path, torch_dtype=dtype, variant=args.variant, revision=args.model_revision
+    )
+    return pipe.to(device)
+
+
+def _load_adapter(pipe: Any, args: GenerationArguments) -> None:
+    kwargs = {"weight_name": args.adapter_weight_name} if args.adapter_weight_name else {}
+    pipe.load_lora_weights(args.adapter, **kwargs)
+
+
+def _slug(text: str, length: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train(script_args: TrainScriptArguments, config: DrPOConfig) -> DrPOTrainer:
+    """Train a DrPO adapter as the example scripts do: load the pipeline and the rewards, train, evaluate on the
+    held-out prompts, write the sample grid, the adapter and the model card to ``config.output_dir``, and push to the
+    Hub when ``config.push_to_hub``. Returns the trainer."""
+    from .drpo_trainer import DrPOTrainer
+    from .hub import save_sample_grid
+    from .prompts import load_prompt_dataset
+    from .rewards import load_rewards
+
+    dtype = resolve_dtype(script_args.torch_dtype, fp16=config.fp16, bf16=config.bf16)
+    pipe = load_pipeline(
+        script_args.model_name_or_path,
+        torch_dtype=dtype,
+        variant=script_args.variant,
+        revision=script_args.model_revision,
+    )
+    rewards, _ = load_rewards(script_args.reward_funcs)  # weights come from config.reward_weights
+    eval_dataset = None
+    eval_prompts = list(config.eval_prompts or [])
+    if script_args.eval_dataset_name:
+        eval_dataset = load_prompt_dataset(
+            script_args.eval_dataset_name, prompt_column=config.prompt_column, split=script_args.eval_dataset_split
+        )
+        if script_args.max_eval_prompts is not None:
+            eval_dataset = eval_dataset.select(range(min(script_args.max_eval_prompts, len(eval_dataset))))
+        eval_prompts = [row[config.prompt_column] for row in eval_dataset]
+    elif script_args.max_eval_prompts is not None and eval_prompts:
+        config.eval_prompts = eval_prompts = eval_prompts[: script_args.max_eval_prompts]
+
+    trainer = DrPOTrainer(pipe, rewards, config, eval_dataset=eval_dataset)
+    resume = config.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+
+    if eval_prompts:
+        metrics = trainer.evaluate()
+        trainer.save_metrics("eval", metrics)
+    grid = None
+    sample_prompts = list(script_args.sample_prompts or eval_prompts[:4])
+    if sample_prompts:
+        path = os.path.join(config.output_dir, SAMPLE_GRID_NAME)
+        save_sample_grid(trainer, sample_prompts, list(config.eval_seeds)[:2], path)
+        grid = SAMPLE_GRID_NAME
+    trainer.save_model(config.output_dir)
+    trainer.create_model_card(sample_grid=grid)
+    if config.push_to_hub:
+        trainer.push_to_hub(sample_grid=grid)
+    return trainer
+
+
+def sample(args: SampleArguments) -> dict[str, Any]:
+    """Render the prompts with fixed seeds and write PNGs (``tuned/`` with an adapter, ``base/`` without one or with
+    ``compare``), a grid and ``manifest.json`` to ``args.output_dir``. Returns the manifest."""
+    from .scoring import to_pil
+    from .visualization import save_image_grid
+
+    prompts = read_prompts(args.prompts, args.prompts_file, args.prompt_column, args.prompts_split, args.max_prompts)
+    pipe = _load_for_generation(args)
+    rendered: dict[str, Any] = {}
+    if args.adapter is None or args.compare:
+        rendered["base"] = render_images(pipe, prompts, args.seeds, args.resolution, args.batch_size)
+    if args.adapter is not None:
+        _load_adapter(pipe, args)
+        rendered["tuned"] = render_images(pipe, prompts, args.seeds, args.resolution, args.batch_size)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    records = [
+        {"prompt": prompt, "seed": seed, "index": i, "noise_seed": seed * 10**6 + i}
+        for seed in args.seeds
+        for i, prompt in enumerate(prompts)
+    ]
+    for kind, images in rendered.items():
+        os.makedirs(os.path.join(args.output_dir, kind), exist_ok=True)
+        for record, image in zip(records, to_pil(images)):
+            name = f"{kind}/seed{record['seed']}_{record['index']:03d}_{_slug(record['prompt'])}.png"
+            image.save(os.path.join(args.output_dir, name))
+            record[kind] = name
+    import torch
+
+    save_image_grid(
+        torch.cat(list(rendered.values())), os.path.join(args.output_dir, "grid.png"), columns=len(prompts)
+    )
+    manifest = {
+        "model": args.model_name_or_path,
+        "adapter": args.adapter,
+        "seeds": list(args.seeds),
+        "num_prompts": len(prompts),
+        "grid": "grid.png",
+        "images": records,
+    }
+    with open(os.path.join(args.output_dir, "manifest.json"), "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2)
+    return manifest
+
+
+def evaluate(args: EvaluateArguments) -> dict[str, Any]:
+    """Mean reward(s) of the base model and of the adapter on the same prompts and noise, written to
+    ``args.output_file`` as JSON: per-reward means, the weighted mean ``reward`` (as `DrPOTrainer.evaluate` reports
+    it), the change, the fraction of images the adapter improves (``win_rate``) and per-image scores."""
+    import torch
+
+    from .rewards import load_rewards
+    from .scoring import RewardFunctions
+
+    prompts = read_prompts(args.prompts, args.prompts_file, args.prompt_column, args.prompts_split, args.max_prompts)
+    funcs, _ = load_rewards(args.reward_funcs)
+    rewards = RewardFunctions.build(funcs, args.reward_weights)
+    weights = torch.tensor(rewards.weights) / sum(rewards.weights)
+    pairs = [(seed, prompt) for seed in args.seeds for prompt in prompts]  # seed-major, as rendered
+    repeated = [prompt for _, prompt in pairs]
+    pipe = _load_for_generation(args)
+
+    def score(images: torch.Tensor) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        scores = rewards(images, repeated)  # (rewards, images)
+        combined = (weights[:, None] * scores).sum(0)
+        summary = {"reward": combined.mean().item()}
+        for name, values in zip(rewards.names, scores):
+            summary[f"rewards/{name}/mean"] = values.mean().item()
+        return summary, scores, combined
+
+    base, base_scores, base_combined = score(
+        render_images(pipe, prompts, args.seeds, args.resolution, args.batch_size)
+    )
+    results: dict[str, Any] = {
+        "model": args.model_name_or_path,
+        "adapter": args.adapter,
+        "num_prompts": len(prompts),
+        "seeds": list(args.seeds),
+        "num_images": len(repeated),
+        "rewards": {name: weight.item() for name, weight in zip(rewards.names, weights)},
+        "base": base,
+    }
+    per_image = [
+        {"prompt": prompt, "seed": seed, "base": {n: s[j].item() for n, s in zip(rewards.names, base_scores)}}
+        for j, (seed, prompt) in enumerate(pairs)
+    ]
+    if args.adapter is not None:
+        _load_adapter(pipe, args)
+        images = render_images(pipe, prompts, args.seeds, args.resolution, args.batch_size)
+        tuned, tuned_scores, tuned_combined = score(images)
+        results["tuned"] = tuned
+        results["delta"] = {key: tuned[key] - base[key] for key in tuned}
+        results["win_rate"] = (tuned_combined > base_combined).float().mean().item()
+        for j, record in enumerate(per_image):
+            record["tuned"] = {n: s[j].item() for n, s in zip(rewards.names, tuned_scores)}
+    results["per_image"] = per_image
+    folder = os.path.dirname(os.path.abspath(args.output_file))
+    os.makedirs(folder, exist_ok=True)
+    with open(args.output_file, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_train_parser() -> Any:
+    """The `TrlParser` of `train` and the example scripts: `TrainScriptArguments` + `DrPOConfig`, with ``--config``."""
+    from trl import TrlParser
+
+    from .drpo_config import DrPOConfig
+
+    return TrlParser((TrainScriptArguments, DrPOConfig))
+
+
+def _train_command(argv: list[str]) -> None:
+    script_args, config = make_train_parser().parse_args_and_config(argv)
+    trainer = train(script_args, config)
+    if trainer.is_world_process_zero():
+        print(f"DrPO adapter, model card and sample grid written to {os.path.abspath(config.output_dir)}")
+
+
+def _sample_command(argv: list[str]) -> None:
+    from trl import TrlParser
+
+    (args,) = TrlParser(SampleArguments).parse_args_and_config(argv)
+    manifest = sample(args)
+    print(f"{len(manifest['images'])} images per model written to {os.path.abspath(args.output_dir)}")
+
+
+def _evaluate_command(argv: list[str]) -> None:
+    from trl import TrlParser
+
+    (args,) = TrlParser(EvaluateArguments).parse_args_and_config(argv)
+    results = evaluate(args)
+    rows = ["metric", *results["base"]]
+    width = max(len(row) for row in rows)
+    print(f"{'metric':<{width}}  {'base':>10}" + (f"  {'tuned':>10}  {'change':>10}" if "tuned" in results else ""))
+    for key, base in results["base"].items():
+        line = f"{key:<{width}}  {base:>10.4g}"
+        if "tuned" in results:
+            line += f"  {results['tuned'][key]:>10.4g}  {results['delta'][key]:>+10.3g}"
+        print(line)
+    if "win_rate" in results:
+        print(f"adapter better on {results['win_rate']:.0%} of {results['num_images']} images")
+    print(f"written to {os.path.abspath(args.output_file)}")
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "train": (_train_command, "train a DrPO LoRA adapter (a YAML --config and/or DrPOConfig flags)"),
+    "sample": (_sample_command, "render prompts with fixed seeds from a base model and an adapter, as PNGs"),
+    "evaluate": (_evaluate_command, "mean reward(s) of base vs adapter on a prompt set, as JSON"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: trl-drpo {train,sample,evaluate} [options]   (trl-drpo COMMAND --help for its options)", ""]
+    lines += [f"  {name:<9} {description}" for name, (_, description) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trl-drpo`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"trl-drpo {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"trl-drpo: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    COMMANDS[command][0](rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
