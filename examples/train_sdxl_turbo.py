@@ -34,112 +34,24 @@ diffusers' LoRA format (``pipe.load_lora_weights(output_dir)``), ``drpo_config.j
 checkpoints.
 """
 
-import os
-from dataclasses import dataclass, field
-
-import torch
-from diffusers import StableDiffusionXLPipeline
-from trl import TrlParser
-
-from trl_drpo import DrPOConfig, DrPOTrainer
+from trl_drpo.cli import make_train_parser, train
 from trl_drpo.drpo_config import PRESETS
-from trl_drpo.hub import save_sample_grid
-from trl_drpo.prompts import load_prompt_dataset
-from trl_drpo.rewards import load_rewards
-from trl_drpo.testing import tiny_sdxl_pipeline
 
 
-TINY_MODEL = "trl-drpo/tiny-sdxl"
-
-
-@dataclass
-class ScriptArguments:
-    model_name_or_path: str = field(
-        default="stabilityai/sdxl-turbo",
-        metadata={
-            "help": f"Hub id or local folder of the SDXL-Turbo pipeline; {TINY_MODEL} for the tiny offline one."
-        },
+def make_parser():
+    """`TrainScriptArguments` + `DrPOConfig`, defaulting to the paper's recipe and stabilityai/sdxl-turbo."""
+    parser = make_train_parser()
+    # The paper's recipe is the default; a --config file and the flags override it.
+    parser.set_defaults(
+        **PRESETS["sdxl_turbo_paper"], model_name_or_path="stabilityai/sdxl-turbo", output_dir="drpo-sdxl-turbo"
     )
-    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
-    variant: str | None = field(default=None, metadata={"help": "Weights variant to load, e.g. fp16."})
-    torch_dtype: str = field(
-        default="auto",
-        metadata={"help": "Dtype of the frozen weights: auto (the fp16/bf16 of the run, else float32) or a name."},
-    )
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["pickscore"],
-        metadata={"help": "Rewards by name (trl_drpo.rewards.available_rewards()) or 'module:attribute'."},
-    )
-    eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "Held-out prompts (Hub dataset id or local file); else --eval_prompts."}
-    )
-    eval_dataset_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name."})
-    max_eval_prompts: int | None = field(default=None, metadata={"help": "Use at most this many eval prompts."})
-
-
-def frozen_weights_dtype(name: str, training_args: DrPOConfig) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    return torch.float16 if training_args.fp16 else torch.bfloat16 if training_args.bf16 else torch.float32
-
-
-def main(script_args: ScriptArguments, training_args: DrPOConfig) -> DrPOTrainer:
-    # The pipeline. Only the UNet's LoRA adapter is trained; the trainer keeps those weights in fp32, and decodes
-    # with an fp32 copy of the VAE when the weights are fp16 (SDXL's VAE overflows in fp16).
-    if script_args.model_name_or_path == TINY_MODEL:
-        pipe = tiny_sdxl_pipeline()
-    else:
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            script_args.model_name_or_path,
-            revision=script_args.model_revision,
-            variant=script_args.variant,
-            torch_dtype=frozen_weights_dtype(script_args.torch_dtype, training_args),
-        )
-    pipe.set_progress_bar_config(disable=True)
-
-    # The rewards only rank candidates: they need no gradient and may be any callable. Their weights are
-    # training_args.reward_weights (--reward_weights).
-    reward_funcs, _ = load_rewards(script_args.reward_funcs)
-
-    # Held-out prompts for the base-vs-tuned evaluation at the end (the training prompts come from --dataset_name).
-    eval_dataset, eval_prompts = None, list(training_args.eval_prompts or [])
-    if script_args.eval_dataset_name:
-        eval_dataset = load_prompt_dataset(
-            script_args.eval_dataset_name,
-            prompt_column=training_args.prompt_column,
-            split=script_args.eval_dataset_split,
-        )
-        if script_args.max_eval_prompts is not None:
-            eval_dataset = eval_dataset.select(range(min(script_args.max_eval_prompts, len(eval_dataset))))
-        eval_prompts = list(eval_dataset[training_args.prompt_column])
-
-    trainer = DrPOTrainer(pipe, reward_funcs, args=training_args, eval_dataset=eval_dataset)
-    resume = training_args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume in ("true", "latest") else resume)
-
-    # Base vs tuned rewards on fixed seeds, and a grid of base (top) and tuned (bottom) samples, for the model card.
-    sample_grid = None
-    if eval_prompts:
-        trainer.save_metrics("eval", trainer.evaluate())
-        sample_grid = "samples.png"
-        grid_path = os.path.join(training_args.output_dir, sample_grid)
-        save_sample_grid(trainer, eval_prompts[:4], training_args.eval_seeds[:2], grid_path)
-    trainer.save_model(training_args.output_dir)
-    trainer.create_model_card(sample_grid=sample_grid)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(sample_grid=sample_grid)
-    if trainer.is_world_process_zero():
-        print(f"Adapter, model card and samples in {os.path.abspath(training_args.output_dir)}")
-    return trainer
-
-
-def make_parser() -> TrlParser:
-    parser = TrlParser((ScriptArguments, DrPOConfig))
-    # The paper's SDXL-Turbo recipe is the default; a --config file and the flags override it.
-    parser.set_defaults(**PRESETS["sdxl_turbo_paper"], output_dir="drpo-sdxl-turbo")
     return parser
 
 
 if __name__ == "__main__":
     script_args, training_args = make_parser().parse_args_and_config()
-    main(script_args, training_args)
+    # Loads the pipeline and the rewards, trains, evaluates on the held-out prompts, then writes the adapter, the
+    # model card and a sample grid to --output_dir (and pushes them with --push_to_hub): see trl_drpo.cli.train.
+    trainer = train(script_args, training_args)
+    if trainer.is_world_process_zero():
+        print(f"Adapter, model card and samples in {training_args.output_dir}")
