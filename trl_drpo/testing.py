@@ -81,6 +81,21 @@ def _tiny_vae():
     )
 
 
+def _tiny_unet(**kwargs):
+    """A two-level UNet with 4-channel latents of side TINY_RESOLUTION / 4; `kwargs` set the family's layout."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=TINY_RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        norm_num_groups=4,
+        **kwargs,
+    )
+
+
 def _turbo_scheduler():
     from diffusers import EulerAncestralDiscreteScheduler
 
@@ -103,20 +118,14 @@ def _finish(pipe):
 def tiny_sd_pipeline(seed: int = 0):
     """A `StableDiffusionPipeline` with the SD-Turbo layout (one text encoder, epsilon prediction) and random
     weights, on CPU in fp32, with no safety checker."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=TINY_RESOLUTION // 4,
-        in_channels=4,
-        out_channels=4,
+    unet = _tiny_unet(
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=_TEXT_HIDDEN,
         attention_head_dim=4,
-        norm_num_groups=4,
     )
     vae = _tiny_vae()
     text_encoder = CLIPTextModel(_text_config(seed))
@@ -136,15 +145,10 @@ def tiny_sd_pipeline(seed: int = 0):
 def tiny_sdxl_pipeline(seed: int = 0):
     """A `StableDiffusionXLPipeline` with the SDXL-Turbo layout (two text encoders, pooled embeddings, time ids)
     and random weights, on CPU in fp32."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=TINY_RESOLUTION // 4,
-        in_channels=4,
-        out_channels=4,
+    unet = _tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -154,7 +158,6 @@ def tiny_sdxl_pipeline(seed: int = 0):
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + pooled projection 32
         cross_attention_dim=2 * _TEXT_HIDDEN,
-        norm_num_groups=4,
     )
     vae = _tiny_vae()
     pipe = StableDiffusionXLPipeline(
