@@ -1,0 +1,185 @@
+"""One DrPO micro-step, instrumented per component: the two phases of `DrPOTrainer.training_step`.
+
+The trainer's step is a `transformers.Trainer` method (accelerator, logging, datasets); the benchmarks need the same
+computation on bare modules, with a meter around each part and on the `meta` device. This module re-expresses it
+with the same package calls in the same order -- `OneStepGenerator.encode_prompts / sample / reference / decode /
+one_step`, the feature map, `ranking.top_bottom_k`, `drift.drpo_targets` and `DrPOTargets.loss` -- so a change of
+cost in any of them shows up here. If `DrPOTrainer.training_step` changes its structure, update this file too.
+
+Phase (a), without gradient: rollout of K candidates per prompt (and their reference twins when lambda > 0),
+decode, reward (ranking only), features, drift-field targets. Phase (b): regenerate the candidates in chunks *with*
+gradient from the same noise, regress their features on the stored targets, backward per chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from trl_drpo.drift import DriftHyperparams, DrPOTargets, drpo_targets
+from trl_drpo.features import FeatureMap
+from trl_drpo.generators import OneStepGenerator, PromptEmbeds
+from trl_drpo.ranking import top_bottom_k
+
+from .common import Meter, NullMeter, SavedTensorBytes, real_or_random
+
+
+RankFn = Callable[[Tensor, Sequence[str]], Tensor]
+"""A rank-only reward: `(images (B, 3, H, W) in [0, 1], prompts) -> (B,)` scores, no gradient."""
+
+
+@dataclass
+class DrPOStepConfig:
+    """The knobs of one micro-step (`DrPOConfig` names). Defaults: the trainer's (paper SD-Turbo recipe)."""
+
+    num_generations: int = 24
+    num_positives: int = 8
+    num_negatives: int = 8
+    candidate_chunk_size: int | None = None
+    decode_chunk_size: int | None = None
+    accumulation_steps: int = 1
+    drift: DriftHyperparams = field(default_factory=DriftHyperparams)
+
+
+@dataclass
+class DrPORollout:
+    """What phase (a) leaves for phase (b): repeated prompt embeddings, the noise and the detached targets."""
+
+    embeds: PromptEmbeds
+    noise: Tensor
+    targets: list[DrPOTargets]
+    num_prompts: int
+
+
+def _features(feature_map: FeatureMap, latents: Tensor, embeds: PromptEmbeds, num_prompts: int) -> dict[str, Tensor]:
+    # As the trainer: (prompts, candidates, tokens, dim) per key, in float32.
+    feats = feature_map(latents, embeds)
+    return {key: value.float().reshape(num_prompts, -1, *value.shape[1:]) for key, value in feats.items()}
+
+
+def targets_to_device(targets: DrPOTargets, device: torch.device) -> DrPOTargets:
+    """Move the stored goals and scales of `targets` to `device` (in place; returns `targets`)."""
+    for terms in targets.terms.values():
+        for _, target in terms:
+            target.goal = target.goal.to(device)
+            target.sigma = target.sigma.to(device)
+    return targets
+
+
+def drpo_rollout(
+    generator: OneStepGenerator,
+    feature_map: FeatureMap,
+    rank_fn: RankFn,
+    prompts: Sequence[str],
+    config: DrPOStepConfig,
+    meter: Meter | None = None,
+    noise_generator: torch.Generator | None = None,
+) -> DrPORollout:
+    """Phase (a): everything without gradient, ending with the drift-field targets of every prompt."""
+    meter = meter or NullMeter()
+    prompts = list(prompts)
+    num_prompts, k = len(prompts), config.num_generations
+    params = config.drift
+    stand_in = torch.Generator().manual_seed(0)  # values for meta tensors (see `real_or_random`)
+    with torch.no_grad():
+        with meter("generation/text"):
+            embeds = generator.encode_prompts(prompts).repeat_interleave(k)
+        noise = generator.make_noise(num_prompts * k, noise_generator)
+        with meter("generation/rollout"):
+            latents = generator.sample(embeds, noise)
+        reference = None
+        if params.reference_loss_weight > 0:
+            with meter("generation/reference"):
+                reference = generator.reference(embeds, noise)
+        with meter("decode"):
+            images = generator.decode(latents, chunk_size=config.decode_chunk_size)
+        with meter("reward"):
+            scores = rank_fn(images, [p for p in prompts for _ in range(k)])
+        scores = torch.nan_to_num(real_or_random(scores, stand_in).float().cpu())  # random weights may overflow
+        selections = top_bottom_k(scores.view(num_prompts, k), config.num_positives, config.num_negatives)
+        with meter("features/rollout"):
+            features = _features(feature_map, latents, embeds, num_prompts)
+        ref_features = None
+        if reference is not None:
+            with meter("features/reference"):
+                ref_features = _features(feature_map, reference, embeds, num_prompts)
+
+        device = latents.device
+        features = {key: real_or_random(value, stand_in) for key, value in features.items()}
+        if ref_features is not None:
+            ref_features = {key: real_or_random(value, stand_in) for key, value in ref_features.items()}
+        targets = []
+        with meter("field"):
+            for b, selection in enumerate(selections):
+                row = {key: value[b : b + 1] for key, value in features.items()}
+                targets.append(
+                    drpo_targets(
+                        row,
+                        {key: value[:, selection.positives] for key, value in row.items()},
+                        {key: value[:, selection.negatives] for key, value in row.items()},
+                        {key: value[b : b + 1] for key, value in ref_features.items()} if ref_features else None,
+                        params,
+                    )
+                )
+        if device.type == "meta":
+            targets = [targets_to_device(target, device) for target in targets]
+    return DrPORollout(embeds=embeds, noise=noise, targets=targets, num_prompts=num_prompts)
+
+
+def drpo_gradient_pass(
+    generator: OneStepGenerator,
+    feature_map: FeatureMap,
+    rollout: DrPORollout,
+    config: DrPOStepConfig,
+    meter: Meter | None = None,
+    saved: SavedTensorBytes | None = None,
+) -> Tensor:
+    """Phase (b): regenerate candidates chunk by chunk with gradient and back-propagate the regression on the targets.
+
+    `candidate_chunk_size=None` is the one-graph pass (all K candidates of every prompt in one graph). `saved`, if
+    given, records the activation bytes of each chunk's graph. Returns the (detached) loss.
+    """
+    meter = meter or NullMeter()
+    k = config.num_generations
+    chunk = config.candidate_chunk_size or k
+    rows = list(range(rollout.num_prompts))
+    weight = 1.0 / (len(rows) * config.accumulation_steps)
+    total = torch.zeros(())
+    for begin in range(0, k, chunk):
+        end = min(begin + chunk, k)
+        ids = torch.tensor([b * k + j for b in rows for j in range(begin, end)])
+        embeds = rollout.embeds.select(ids)
+        graph = saved.graph() if saved is not None else contextlib.nullcontext()
+        with graph:
+            with meter("generation/regenerate"):
+                latents = generator.one_step(generator.denoiser, embeds, rollout.noise[ids.to(rollout.noise.device)])
+            with meter("features/regenerate"):
+                feats = _features(feature_map, latents, embeds, len(rows))
+            losses = [
+                rollout.targets[b].loss({key: value[n : n + 1] for key, value in feats.items()}, begin).sum()
+                for n, b in enumerate(rows)
+            ]
+            loss = weight * torch.stack(losses).sum()
+        with meter("backward"):
+            loss.backward()
+        if loss.device.type != "meta":
+            total = total + loss.detach().cpu()
+    return total
+
+
+def drpo_step(
+    generator: OneStepGenerator,
+    feature_map: FeatureMap,
+    rank_fn: RankFn,
+    prompts: Sequence[str],
+    config: DrPOStepConfig,
+    meter: Meter | None = None,
+    noise_generator: torch.Generator | None = None,
+) -> Tensor:
+    """One DrPO micro-step (both phases); gradients accumulate on the generator's trainable parameters."""
+    rollout = drpo_rollout(generator, feature_map, rank_fn, prompts, config, meter, noise_generator)
+    return drpo_gradient_pass(generator, feature_map, rollout, config, meter)

@@ -1,0 +1,271 @@
+"""Smoke tests of `benchmarks/`: the functions run in tiny configurations and return well-formed results, and the
+DRaFT baseline really back-propagates the reward into the LoRA. Nothing here asserts a timing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+# `benchmarks/` is a top-level folder of the repository, not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import cost, run_all, scaling  # noqa: E402
+from benchmarks.common import COMPONENTS, CPUPeakMemory, Meter, SavedTensorBytes, fused_attention_on_meta  # noqa: E402
+from benchmarks.draft_baseline import DraftStepConfig, draft_step  # noqa: E402
+from benchmarks.drpo_step import DrPOStepConfig, drpo_gradient_pass, drpo_rollout, drpo_step  # noqa: E402
+from benchmarks.reward_models import build_reward  # noqa: E402
+
+
+PROMPTS = ["a red apple", "a blue car"]
+
+
+def tiny_generator(pipeline: str = "sd-turbo"):
+    torch.manual_seed(0)
+    return cost.build_generator(pipeline, "cpu", torch.float32, tiny=True, lora_rank=4)
+
+
+def lora_grads(generator) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in generator.trainable_parameters()]
+
+
+def zero_grads(generator) -> None:
+    for p in generator.trainable_parameters():
+        p.grad = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DRaFT baseline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reward_name", ["pickscore", "hpsv3"])
+def test_draft_gradient_reaches_lora_through_the_reward(reward_name):
+    generator = tiny_generator()
+    torch.manual_seed(1)
+    reward = build_reward(reward_name, "cpu", tiny=True)
+    score = reward.score
+    config = DraftStepConfig(num_generations=3, chunk_size=None)
+
+    def grads_with(factor: float) -> list[torch.Tensor | None]:
+        zero_grads(generator)
+        reward.score = lambda images, state: factor * score(images, state)  # instance override of the tower
+        draft_step(generator, reward, PROMPTS, config, noise_generator=torch.Generator().manual_seed(0))
+        return [p.grad.detach().clone() if p.grad is not None else None for p in generator.trainable_parameters()]
+
+    grads = grads_with(1.0)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    # The gradient flows through the reward: negating the score negates it, a zero score removes it.
+    for g, negated in zip(grads, grads_with(-1.0)):
+        torch.testing.assert_close(negated, -g, rtol=1e-4, atol=1e-7)
+    assert all(g is None or g.abs().max() == 0 for g in grads_with(0.0))
+    # Frozen parts never receive gradients.
+    assert all(p.grad is None for p in reward.parameters())
+    assert all(p.grad is None for p in generator.vae.parameters())
+
+
+def test_draft_streaming_gives_the_same_gradient_as_one_batch():
+    generator = tiny_generator()
+    reward = build_reward("pickscore", "cpu", tiny=True)
+    results = []
+    for chunk in (None, 1):
+        zero_grads(generator)
+        config = DraftStepConfig(num_generations=3, chunk_size=chunk)
+        draft_step(generator, reward, PROMPTS, config, noise_generator=torch.Generator().manual_seed(0))
+        results.append(lora_grads(generator))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_drpo_chunked_gradient_pass_matches_one_graph_and_saves_less():
+    generator = tiny_generator()
+    fmap = cost.build_features("drpo", generator, tiny=True)
+    reward = build_reward("pickscore", "cpu", tiny=True)
+    grads, saved_bytes = [], []
+    for chunk in (None, 2):
+        zero_grads(generator)
+        config = cost.drpo_config("drpo", k=6, chunk=chunk)
+        rollout = drpo_rollout(
+            generator, fmap, reward.ranking_fn(), PROMPTS, config, None, torch.Generator().manual_seed(0)
+        )
+        saved = SavedTensorBytes([generator.unwrapped_denoiser])
+        drpo_gradient_pass(generator, fmap, rollout, config, None, saved)
+        grads.append(lora_grads(generator))
+        saved_bytes.append(saved.peak_bytes)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert 0 < saved_bytes[1] < saved_bytes[0]
+
+
+def test_benchmark_drpo_step_reproduces_the_trainer_step(tmp_path):
+    """The instrumented step computes what `DrPOTrainer.training_step` computes: same loss, same LoRA gradient."""
+    from trl_drpo import DrPOConfig, DrPOTrainer
+    from trl_drpo.testing import tiny_sd_pipeline
+
+    tower = build_reward("pickscore", "cpu", tiny=True)
+    rank = tower.ranking_fn()
+
+    class Reward:
+        input_format = "pt"
+        __name__ = "tiny_clip"
+
+        def __call__(self, images, prompts):
+            return rank(images, prompts).tolist()
+
+    torch.manual_seed(0)
+    args = DrPOConfig(
+        output_dir=str(tmp_path),
+        num_generations=6,
+        num_positives=2,
+        num_negatives=2,
+        candidate_chunk_size=2,
+        gradient_accumulation_steps=1,
+        per_device_train_batch_size=2,
+        lora_rank=4,
+        lora_alpha=4,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+    )
+    trainer = DrPOTrainer(tiny_sd_pipeline(), Reward(), args, train_dataset=PROMPTS)
+    with torch.no_grad():  # non-zero LoRA B so that every LoRA weight gets a gradient
+        for name, p in trainer.generator.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    trainer.create_optimizer()
+    trainer._noise_generator = lambda: torch.Generator().manual_seed(123)
+    expected_loss = trainer.training_step(trainer.model, trainer.data_collator([{"prompt": p} for p in PROMPTS]))
+    expected = lora_grads(trainer.generator)
+
+    zero_grads(trainer.generator)
+    config = DrPOStepConfig(
+        num_generations=6, num_positives=2, num_negatives=2, candidate_chunk_size=2, drift=trainer.drift_params
+    )
+    loss = drpo_step(
+        trainer.generator, trainer.feature_map, rank, PROMPTS, config, Meter(), torch.Generator().manual_seed(123)
+    )
+    torch.testing.assert_close(loss, expected_loss.detach().cpu(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(lora_grads(trainer.generator), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_vlm_patches_match_the_qwen2_vl_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    reward = build_reward("hpsv3", "cpu", tiny=True)
+    size = reward.spec.image_size
+    image = torch.rand(1, 3, size, size)
+    processor = Qwen2VLImageProcessorPil(
+        do_resize=False, do_rescale=False, min_pixels=size * size, max_pixels=size * size
+    )
+    expected = processor(images=[image[0].numpy()], return_tensors="pt", input_data_format="channels_first")
+    torch.testing.assert_close(reward.patches(image), expected["pixel_values"].float(), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurement helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_peak_memory_sees_torch_allocations():
+    with CPUPeakMemory() as probe:
+        a = torch.ones(1_000_000)  # 4 MB
+        b = a * 2  # 4 MB more
+        del a, b
+    assert probe.peak_bytes >= 8_000_000
+
+
+def test_fused_attention_on_meta_counts_and_saves_like_a_fused_kernel():
+    q, k, v = (torch.empty(1, 2, 64, 8, device="meta", requires_grad=True) for _ in range(3))
+    saved = SavedTensorBytes()
+    meter = Meter(count_flops=True)
+    with fused_attention_on_meta(), saved.graph(), meter("generation"):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with meter("backward"):
+        out.sum().backward()
+    assert meter.flops["generation"] == 2 * (2 * 2 * 64 * 64 * 8)
+    assert meter.flops["backward"] == 5 * (2 * 2 * 64 * 64 * 8)  # the scores are recomputed
+    assert saved.peak_bytes < 2 * 64 * 64 * 4  # no L x L matrix kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cost.py and scaling.py in tiny configurations
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_update_flops_rows_are_well_formed():
+    out = cost.update_flops(grid=(("sd-turbo", ("drpo", "draft")),), rewards=("pickscore",), tiny=True)
+    assert out["setting"]["images_per_update"] == 192
+    rows = {row["method"]: row for row in out["rows"]}
+    assert set(rows) == {"drpo", "draft"}
+    for row in rows.values():
+        flops = row["flops_per_update"]
+        assert set(COMPONENTS) <= set(flops)
+        assert flops["total"] == sum(flops[c] for c in COMPONENTS)
+        assert all(flops[c] > 0 for c in ("generation", "decode", "reward", "backward"))
+        assert all(v >= 0 for v in row["backward_split_per_update"].values())
+        assert row["ratio_vs"]["draft"] > 0
+    assert rows["drpo"]["flops_per_update"]["features"] > 0
+    assert rows["drpo"]["flops_per_update"]["field"] > 0
+    assert rows["draft"]["flops_per_update"]["features"] == 0
+    assert 0 < rows["drpo"]["features_field_share"]["with_feature_backward"] < 1
+    json.dumps(out)
+
+
+def test_cpu_tiny_rows_are_well_formed():
+    out = cost.cpu_tiny(rewards=("pickscore",), methods=("drpo", "draft"), k=4, chunks=(None, 2), repeats=1)
+    assert len(out["rows"]) == 4
+    for row in out["rows"]:
+        assert set(COMPONENTS) | {"total"} <= set(row["seconds"])
+        assert row["seconds"]["total"] > 0
+        assert row["peak_cpu_bytes"] > 0
+
+
+def test_gpu_paths_skip_without_cuda_and_run_on_cpu_tiny():
+    if not torch.cuda.is_available():
+        assert "skipped" in cost.gpu_real_size()
+        assert "skipped" in scaling.memory_vs_k_gpu()
+    out = cost.gpu_real_size(rewards=("hpsv3",), k=4, drpo_chunk=2, device="cpu", dtype=torch.float32, tiny=True)
+    assert {row["method"] for row in out["rows"]} == {"drpo", "draft"}
+    for row in out["rows"]:
+        assert row["seconds_per_update"]["total"] > 0 and row["peak_bytes"] > 0
+    memory = scaling.memory_vs_k_gpu(ks=(4,), chunk=2, device="cpu", dtype=torch.float32, tiny=True)
+    assert all(row["gradient_pass_peak_bytes"] > 0 for row in memory["rows"])
+
+
+def test_field_cost_analytic_count_matches_the_counter():
+    shapes = {"a": (1, 16), "b": (4, 8)}
+    for k in (4, 8):
+        row = scaling.field_cost(k, shapes, repeats=1)
+        assert row["counted_flops"] == row["analytic_flops"] > 0
+        assert row["cpu_seconds"] >= 0
+    out = scaling.field_scaling(ks=(4, 8), tokens=(1, 2), repeats=1, tiny=True)
+    assert [r["k"] for r in out["vs_k"]] == [4, 8]
+    assert out["vs_k"][1]["analytic_flops"] > out["vs_k"][0]["analytic_flops"]
+
+
+def test_memory_vs_k_chunked_activations_stay_flat():
+    out = scaling.memory_vs_k_cpu(ks=(4, 8), chunk=2)
+    saved = {(r["k"], r["chunk"]): r["saved_activation_bytes"] for r in out["rows"]}
+    assert saved[(4, 2)] == saved[(8, 2)] > 0
+    assert saved[(8, None)] > saved[(4, None)]
+    assert all(r["gradient_pass_peak_bytes"] > 0 and r["step_peak_bytes"] > 0 for r in out["rows"])
+    meta = scaling.memory_vs_k_meta(ks=(4, 8), chunk=4, tiny=True)
+    meta_saved = {(r["k"], r["chunk"]): r["saved_activation_bytes"] for r in meta["rows"]}
+    assert meta_saved[(4, 4)] == meta_saved[(8, 4)] > 0
+    assert meta_saved[(8, None)] > meta_saved[(4, None)]
+
+
+@pytest.mark.slow
+def test_run_all_quick_writes_json_and_markdown(tmp_path):
+    results = run_all.run(quick=True, log=lambda *_: None)
+    path = run_all.write(results, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["quick"] is True
+    summary = path.read_text()
+    assert "### Targets" in summary and "| pipeline | reward | method |" in summary
+    assert all(check["met"] in (True, False, None) for check in results["targets"])
