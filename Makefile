@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.trl_drpo-installed
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test bench lint format clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# Measurements (FLOPs per update, CPU timings, memory vs K): writes benchmarks/results/ and the README table.
+bench: venv
+	$(PY) -m benchmarks.run_all --update-readme
 
 lint: venv
 	$(PY) -m ruff check trl_drpo tests examples benchmarks

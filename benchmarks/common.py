@@ -222,31 +222,6 @@ class SavedTensorBytes:
 
 
 @contextlib.contextmanager
-def meta_safe_single_step() -> Iterator[None]:
-    """Let `OneStepGenerator` run on a `meta` denoiser.
-
-    The generator builds its scheduler step on the denoiser's device and reads `float(sigma)` from it, which a meta
-    tensor cannot answer. Inside this context a meta generator builds the step on the CPU instead: its 0-d sigma
-    tensors then act as scalars next to meta activations, and the UNet is called exactly as on a GPU. (Only the
-    scheduler arithmetic is affected, which has no FLOPs that the counter would see.)
-    """
-    from trl_drpo import generators
-
-    descriptor = generators._SingleStep.__dict__["build"]
-    original = descriptor.__get__(None, generators._SingleStep)
-
-    def build(cls: type, source: Any, device: torch.device) -> Any:
-        device = torch.device(device)
-        return original(source, torch.device("cpu") if device.type == "meta" else device)
-
-    generators._SingleStep.build = classmethod(build)
-    try:
-        yield
-    finally:
-        generators._SingleStep.build = descriptor
-
-
-@contextlib.contextmanager
 def fused_attention_on_meta() -> Iterator[None]:
     """Run `F.scaled_dot_product_attention` on `meta` tensors as the fused kernel a GPU runs.
 

@@ -42,7 +42,6 @@ from .common import (
     fused_attention_on_meta,
     machine_info,
     median_dicts,
-    meta_safe_single_step,
     peak_memory,
     torch_threads,
 )
@@ -77,8 +76,7 @@ def build_generator(
     pipeline: str, device: torch.device | str, dtype: torch.dtype, tiny: bool = False, lora_rank: int = 16
 ) -> OneStepGenerator:
     """The pipeline's `OneStepGenerator` with the paper's LoRA (r16/alpha16 on the attention projections)."""
-    with meta_safe_single_step():
-        generator = OneStepGenerator.from_pipeline(build_pipeline(pipeline, device, dtype, tiny=tiny))
+    generator = OneStepGenerator.from_pipeline(build_pipeline(pipeline, device, dtype, tiny=tiny))
     generator.add_lora(rank=lora_rank, alpha=lora_rank, init_lora_weights="gaussian")
     return generator
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from trl_drpo.drift import DriftHyperparams, DrPOTargets, drpo_targets
+from trl_drpo.drpo_trainer import map_rows
 from trl_drpo.features import FeatureMap
 from trl_drpo.generators import OneStepGenerator, PromptEmbeds
 from trl_drpo.ranking import top_bottom_k
@@ -55,9 +56,11 @@ class DrPORollout:
     num_prompts: int
 
 
-def _features(feature_map: FeatureMap, latents: Tensor, embeds: PromptEmbeds, num_prompts: int) -> dict[str, Tensor]:
-    # As the trainer: (prompts, candidates, tokens, dim) per key, in float32.
-    feats = feature_map(latents, embeds)
+def _features(
+    feature_map: FeatureMap, latents: Tensor, embeds: PromptEmbeds, num_prompts: int, rows: int | None = None
+) -> dict[str, Tensor]:
+    # As the trainer: (prompts, candidates, tokens, dim) per key, in float32, `rows` latents at a time.
+    feats = map_rows(lambda r: feature_map(latents[r], embeds.select(r)), len(latents), rows or len(latents))
     return {key: value.float().reshape(num_prompts, -1, *value.shape[1:]) for key, value in feats.items()}
 
 
@@ -85,28 +88,29 @@ def drpo_rollout(
     num_prompts, k = len(prompts), config.num_generations
     params = config.drift
     stand_in = torch.Generator().manual_seed(0)  # values for meta tensors (see `real_or_random`)
+    rows = (config.candidate_chunk_size or k) * num_prompts  # as the trainer: phase (a) in candidate chunks too
     with torch.no_grad():
         with meter("generation/text"):
             embeds = generator.encode_prompts(prompts).repeat_interleave(k)
         noise = generator.make_noise(num_prompts * k, noise_generator)
         with meter("generation/rollout"):
-            latents = generator.sample(embeds, noise)
+            latents = map_rows(lambda r: generator.sample(embeds.select(r), noise[r]), len(noise), rows)
         reference = None
         if params.reference_loss_weight > 0:
             with meter("generation/reference"):
-                reference = generator.reference(embeds, noise)
+                reference = map_rows(lambda r: generator.reference(embeds.select(r), noise[r]), len(noise), rows)
         with meter("decode"):
-            images = generator.decode(latents, chunk_size=config.decode_chunk_size)
+            images = generator.decode(latents, chunk_size=config.decode_chunk_size or rows)
         with meter("reward"):
             scores = rank_fn(images, [p for p in prompts for _ in range(k)])
         scores = torch.nan_to_num(real_or_random(scores, stand_in).float().cpu())  # random weights may overflow
         selections = top_bottom_k(scores.view(num_prompts, k), config.num_positives, config.num_negatives)
         with meter("features/rollout"):
-            features = _features(feature_map, latents, embeds, num_prompts)
+            features = _features(feature_map, latents, embeds, num_prompts, rows)
         ref_features = None
         if reference is not None:
             with meter("features/reference"):
-                ref_features = _features(feature_map, reference, embeds, num_prompts)
+                ref_features = _features(feature_map, reference, embeds, num_prompts, rows)
 
         device = latents.device
         features = {key: real_or_random(value, stand_in) for key, value in features.items()}

@@ -312,3 +312,11 @@ def test_prompt_embeds_repeat_select_and_concatenate_rows():
     assert len(repeated[torch.tensor([True, False] * 3)]) == 3 and len(repeated[1:3]) == 2
     assert repeated.to("cpu", torch.float64).prompt_embeds.dtype == torch.float64
     assert len(PromptEmbeds.cat([embeds, repeated])) == 8 and embeds.add_time_ids is None
+
+
+def test_sample_runs_on_the_meta_device_for_flop_counting():
+    pipe = tiny_sd_pipeline().to("meta")
+    gen = OneStepGenerator.from_pipeline(pipe)
+    noise = torch.empty(2, 4, 8, 8, device="meta")
+    latents = gen.sample(gen.encode_prompts(["a cat"]).repeat_interleave(2), noise)
+    assert latents.device.type == "meta" and latents.shape == noise.shape

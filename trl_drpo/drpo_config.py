@@ -68,10 +68,11 @@ class DrPOConfig(TrainingArguments):
         resolution (`int` or `None`, *optional*, defaults to `None`):
             Image size in pixels. `None` uses the pipeline's default (512 for SD-Turbo and SDXL-Turbo).
         candidate_chunk_size (`int` or `None`, *optional*, defaults to `None`):
-            Candidates per prompt that are regenerated with gradient at once in the gradient pass. Peak activation
-            memory scales with this chunk, not with K; the gradient is the same for any value. `None` uses K.
+            Candidates per prompt processed at once: in the no-gradient rollout (generation, reference, decode,
+            features) and when they are regenerated with gradient. Peak activation memory scales with this chunk, not
+            with K; the gradient is the same for any value. `None` uses K.
         decode_chunk_size (`int` or `None`, *optional*, defaults to `None`):
-            Latents decoded by the VAE at once (no gradient). `None` decodes all at once.
+            Latents decoded by the VAE at once (no gradient). `None` decodes a candidate chunk at a time.
 
         > Parameters that control anchor selection and rewards
 
@@ -183,7 +184,9 @@ class DrPOConfig(TrainingArguments):
     candidate_chunk_size: int | None = field(
         default=None, metadata={"help": "Candidates per prompt regenerated with gradient at once; None = K."}
     )
-    decode_chunk_size: int | None = field(default=None, metadata={"help": "Latents decoded at once; None = all."})
+    decode_chunk_size: int | None = field(
+        default=None, metadata={"help": "Latents decoded at once; None = the candidate chunk's rows."}
+    )
 
     num_positives: int = field(default=8, metadata={"help": "Positive anchors per prompt."})
     num_negatives: int = field(default=8, metadata={"help": "Negative anchors per prompt."})

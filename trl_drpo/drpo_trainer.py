@@ -36,6 +36,15 @@ _DEEPSPEED_CHUNK_ERROR = (
 )
 
 
+def map_rows(fn: Callable[[slice], Any], total: int, size: int) -> Any:
+    """``fn`` over consecutive row slices of at most ``size`` rows, outputs concatenated along rows (tensors, or
+    dicts of tensors)."""
+    parts = [fn(slice(begin, min(begin + size, total))) for begin in range(0, total, size)]
+    if isinstance(parts[0], dict):
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return torch.cat(parts)
+
+
 class _ConfigView(dict):
     """A diffusers model config with the two methods transformers' reporting callbacks call on `model.config`."""
 
@@ -212,15 +221,19 @@ class DrPOTrainer(Trainer):
         timings: dict[str, float] = {}
         start = time.perf_counter()
 
-        # Phase (a): everything without gradient (section 11.3).
+        # Phase (a): everything without gradient (section 11.3), in chunks of `candidate_chunk_size` candidates per
+        # prompt so that its peak memory does not grow with K either.
         gen = self.generator
+        rows = (args.candidate_chunk_size or k) * num_prompts
         with torch.no_grad():
             embeds = gen.encode_prompts(prompts).repeat_interleave(k)
             noise = gen.make_noise(num_prompts * k, self._noise_generator())
             with self.compute_loss_context_manager():
-                latents = gen.sample(embeds, noise)
-                reference = gen.reference(embeds, noise) if self.drift_params.reference_loss_weight > 0 else None
-            images = gen.decode(latents, chunk_size=args.decode_chunk_size)
+                latents = map_rows(lambda r: gen.sample(embeds.select(r), noise[r]), len(noise), rows)
+                reference = None
+                if self.drift_params.reference_loss_weight > 0:
+                    reference = map_rows(lambda r: gen.reference(embeds.select(r), noise[r]), len(noise), rows)
+            images = gen.decode(latents, chunk_size=args.decode_chunk_size or rows)
         timings["rollout"] = time.perf_counter() - start
 
         tick = time.perf_counter()
@@ -240,8 +253,8 @@ class DrPOTrainer(Trainer):
 
         tick = time.perf_counter()
         with torch.no_grad(), self.compute_loss_context_manager():
-            features = self._features(latents, embeds, num_prompts)
-            ref_features = self._features(reference, embeds, num_prompts) if reference is not None else None
+            features = self._features(latents, embeds, num_prompts, rows)
+            ref_features = self._features(reference, embeds, num_prompts, rows) if reference is not None else None
         targets: list[DrPOTargets | None] = []
         for b, selection in enumerate(selections):
             if selection is None:
@@ -272,9 +285,12 @@ class DrPOTrainer(Trainer):
             self._log_images(images[:k], scores[:, :k], prompts[0])
         return loss
 
-    def _features(self, latents: torch.Tensor, embeds: Any, num_prompts: int) -> dict[str, torch.Tensor]:
-        """Feature map output per key, reshaped to ``(prompts, candidates, tokens, dim)``."""
-        feats = self.feature_map(latents, embeds)
+    def _features(
+        self, latents: torch.Tensor, embeds: Any, num_prompts: int, rows: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Feature map output per key, reshaped to ``(prompts, candidates, tokens, dim)``, computed ``rows`` latents
+        at a time (all at once by default)."""
+        feats = map_rows(lambda r: self.feature_map(latents[r], embeds.select(r)), len(latents), rows or len(latents))
         return {key: value.float().reshape(num_prompts, -1, *value.shape[1:]) for key, value in feats.items()}
 
     def _gradient_pass(

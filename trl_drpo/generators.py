@@ -214,6 +214,10 @@ class _SingleStep:
         # A copy, because set_timesteps mutates the scheduler and the user's pipeline must keep working with
         # whatever number of steps they call it with.
         scheduler = type(source).from_config(source.config)
+        if torch.device(device).type == "meta":
+            # A meta denoiser (FLOP counting, shape checks) holds no values to read sigmas from; the schedule's 0-d
+            # CPU tensors still act as scalars next to meta activations.
+            device = torch.device("cpu")
         scheduler.set_timesteps(1, device=device)
         if hasattr(scheduler, "set_begin_index"):
             # Pins the step index to 0 so that scale_model_input never searches the timesteps (a device sync).
