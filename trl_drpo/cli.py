@@ -368,22 +368,19 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
     """Mean reward(s) of the base model and of the adapter on the same prompts and noise, written to
     ``args.output_file`` as JSON: per-reward means, the weighted mean ``reward`` (as `DrPOTrainer.evaluate` reports
     it), the change, the fraction of images the adapter improves (``win_rate``) and per-image scores."""
-    import torch
-
     from .rewards import load_rewards
     from .scoring import RewardFunctions
 
     prompts = read_prompts(args.prompts, args.prompts_file, args.prompt_column, args.prompts_split, args.max_prompts)
     funcs, _ = load_rewards(args.reward_funcs)
     rewards = RewardFunctions.build(funcs, args.reward_weights)
-    weights = torch.tensor(rewards.weights) / sum(rewards.weights)
     pairs = [(seed, prompt) for seed in args.seeds for prompt in prompts]  # seed-major, as rendered
     repeated = [prompt for _, prompt in pairs]
     pipe = _load_for_generation(args)
 
     def score(images: torch.Tensor) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
         scores = rewards(images, repeated)  # (rewards, images)
-        combined = (weights[:, None] * scores).sum(0)
+        combined = rewards.combine(scores)
         summary = {"reward": combined.mean().item()}
         for name, values in zip(rewards.names, scores):
             summary[f"rewards/{name}/mean"] = values.mean().item()
@@ -398,7 +395,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
         "num_prompts": len(prompts),
         "seeds": list(args.seeds),
         "num_images": len(repeated),
-        "rewards": {name: weight.item() for name, weight in zip(rewards.names, weights)},
+        "rewards": {name: weight / sum(rewards.weights) for name, weight in zip(rewards.names, rewards.weights)},
         "base": base,
     }
     per_image = [

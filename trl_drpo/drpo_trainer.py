@@ -274,7 +274,7 @@ class DrPOTrainer(Trainer):
 
         # Phase (b): regenerate candidates with gradient, chunk by chunk, and regress them onto their targets.
         tick = time.perf_counter()
-        loss = self._gradient_pass(model, embeds, noise, targets, num_prompts)
+        loss = self._gradient_pass(model, embeds, noise, targets)
         timings["backward"] = time.perf_counter() - tick
         timings["step"] = time.perf_counter() - start
 
@@ -299,7 +299,6 @@ class DrPOTrainer(Trainer):
         embeds: Any,
         noise: torch.Tensor,
         targets: list[DrPOTargets | None],
-        num_prompts: int,
     ) -> torch.Tensor:
         k = self.args.num_generations
         chunk = self.args.candidate_chunk_size or k
@@ -338,8 +337,7 @@ class DrPOTrainer(Trainer):
 
     def _record_step(self, scores: torch.Tensor, targets: list[DrPOTargets | None], timings: dict[str, float]) -> None:
         metrics = self._metrics["train"]
-        weights = torch.tensor(self.reward_funcs.weights) / sum(self.reward_funcs.weights)
-        combined = (weights[:, None] * scores).sum(0)
+        combined = self.reward_funcs.combine(scores)
         metrics["reward"].append(combined.mean().item())
         metrics["reward_std"].append(combined.std().item() if combined.numel() > 1 else 0.0)
         for name, values in zip(self.reward_funcs.names, scores):
@@ -428,8 +426,7 @@ class DrPOTrainer(Trainer):
         seeds = list(self.args.eval_seeds)
         images = self.render(prompts, seeds, adapter=adapter)
         scores = self.reward_funcs(images, [p for _ in seeds for p in prompts])
-        weights = torch.tensor(self.reward_funcs.weights) / sum(self.reward_funcs.weights)
-        out = {"reward": (weights[:, None] * scores).sum(0).mean().item()}
+        out = {"reward": self.reward_funcs.combine(scores).mean().item()}
         for name, values in zip(self.reward_funcs.names, scores):
             out[f"rewards/{name}/mean"] = values.mean().item()
         return out

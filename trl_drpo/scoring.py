@@ -87,6 +87,12 @@ class RewardFunctions:
                 seen[name] = 0
         return cls(funcs=funcs, weights=weights, names=names)
 
+    def combine(self, scores: torch.Tensor) -> torch.Tensor:
+        """The raw scores ``(num_rewards, N)`` weighted into one value per image (weights normalised to sum to one):
+        the logged `reward`. Ranking uses z-scored scores instead (`trl_drpo.ranking.reward_ensemble`)."""
+        weights = torch.tensor(self.weights, dtype=scores.dtype) / sum(self.weights)
+        return (weights[:, None] * scores).sum(0)
+
     @property
     def wants_pil(self) -> bool:
         return any(getattr(fn, "input_format", "pil") != "pt" for fn in self.funcs)
