@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from trl_drpo.drift import DriftHyperparams, DrPOTargets, drpo_targets
+from trl_drpo.drift import DriftHyperparams, DrPOTargets, drpo_targets_from_anchors
 from trl_drpo.drpo_trainer import map_rows
 from trl_drpo.features import FeatureMap
 from trl_drpo.generators import OneStepGenerator, PromptEmbeds
@@ -116,19 +116,8 @@ def drpo_rollout(
         features = {key: real_or_random(value, stand_in) for key, value in features.items()}
         if ref_features is not None:
             ref_features = {key: real_or_random(value, stand_in) for key, value in ref_features.items()}
-        targets = []
         with meter("field"):
-            for b, selection in enumerate(selections):
-                row = {key: value[b : b + 1] for key, value in features.items()}
-                targets.append(
-                    drpo_targets(
-                        row,
-                        {key: value[:, selection.positives] for key, value in row.items()},
-                        {key: value[:, selection.negatives] for key, value in row.items()},
-                        {key: value[b : b + 1] for key, value in ref_features.items()} if ref_features else None,
-                        params,
-                    )
-                )
+            targets = drpo_targets_from_anchors(features, ref_features, selections, params)
         if device.type == "meta":
             targets = [targets_to_device(target, device) for target in targets]
     return DrPORollout(embeds=embeds, noise=noise, targets=targets, num_prompts=num_prompts)

@@ -19,6 +19,7 @@ from trl_drpo.drift import (
     drift_loss,
     drpo_loss,
     drpo_targets,
+    drpo_targets_from_anchors,
 )
 
 
@@ -673,3 +674,33 @@ def test_drpo_targets_reject_missing_reference_and_keys():
 def test_invalid_hyperparameters_are_rejected(overrides, match):
     with pytest.raises(ValueError, match=match):
         DriftHyperparams(**overrides)
+
+
+def test_targets_from_anchors_use_each_prompts_own_candidates_and_skip_prompts_without_anchors():
+    from trl_drpo.ranking import AnchorSelection
+
+    g = torch.Generator().manual_seed(3)
+    features = {"a": torch.randn(3, 6, 2, 4, generator=g), "b": torch.randn(3, 6, 1, 3, generator=g)}
+    reference = {key: value + 0.1 for key, value in features.items()}
+    selections = [
+        AnchorSelection(torch.tensor([0, 1]), torch.tensor([5])),
+        None,
+        AnchorSelection(torch.tensor([4]), torch.tensor([2, 3])),
+    ]
+    params = DriftHyperparams()
+    targets = drpo_targets_from_anchors(features, reference, selections, params)
+    assert targets[1] is None
+    for b in (0, 2):
+        row = {key: value[b : b + 1] for key, value in features.items()}
+        expected = drpo_targets(
+            row,
+            {key: value[:, selections[b].positives] for key, value in row.items()},
+            {key: value[:, selections[b].negatives] for key, value in row.items()},
+            {key: value[b : b + 1] for key, value in reference.items()},
+            params,
+        )
+        torch.testing.assert_close(targets[b].loss(row), expected.loss(row))
+        for key in features:
+            for (w, got), (w_expected, want) in zip(targets[b].terms[key], expected.terms[key]):
+                assert w == w_expected
+                torch.testing.assert_close(got.goal, want.goal)

@@ -1,21 +1,66 @@
 """trl_drpo: Drifting Preference Optimization (DrPO) for one-step text-to-image generators."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+
 __version__ = "0.1.0.dev0"
 
-from .drift import drift_loss, drpo_loss  # noqa: E402
-from .drpo_config import DrPOConfig  # noqa: E402
-from .drpo_trainer import DrPOTrainer  # noqa: E402
-from .ranking import mean_split, reward_ensemble, threshold_split, top_bottom_k  # noqa: E402
-
+# Public names -> the module that holds them. They are imported on first use, as in transformers and TRL, so that
+# `import trl_drpo.drift` or the CLI's `--help` does not pay for transformers' Trainer, diffusers and peft.
+_EXPORTS = {
+    "DrPOConfig": "drpo_config",
+    "DrPOTrainer": "drpo_trainer",
+    "OneStepGenerator": "generators",
+    "register_generator": "generators",
+    "build_feature_map": "features",
+    "register_feature_map": "features",
+    "drift_loss": "drift",
+    "drpo_loss": "drift",
+    "drpo_targets": "drift",
+    "mean_split": "ranking",
+    "reward_ensemble": "ranking",
+    "select_anchors": "ranking",
+    "threshold_split": "ranking",
+    "top_bottom_k": "ranking",
+}
 
 __all__ = [
     "__version__",
     "DrPOConfig",
     "DrPOTrainer",
+    "OneStepGenerator",
+    "build_feature_map",
     "drift_loss",
     "drpo_loss",
+    "drpo_targets",
     "mean_split",
+    "register_feature_map",
+    "register_generator",
     "reward_ensemble",
+    "select_anchors",
     "threshold_split",
     "top_bottom_k",
 ]
+
+if TYPE_CHECKING:
+    from .drift import drift_loss, drpo_loss, drpo_targets
+    from .drpo_config import DrPOConfig
+    from .drpo_trainer import DrPOTrainer
+    from .features import build_feature_map, register_feature_map
+    from .generators import OneStepGenerator, register_generator
+    from .ranking import mean_split, reward_ensemble, select_anchors, threshold_split, top_bottom_k
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -412,6 +413,39 @@ def drpo_targets(
                 if name.startswith("drift_rms_"):
                     accumulate("ref_" + name, value)
     return DrPOTargets(terms=terms, tokens=tokens, num_candidates=num_candidates, metrics=sums)
+
+
+def drpo_targets_from_anchors(
+    generated: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor] | None,
+    anchors: Sequence[Any],
+    params: DriftHyperparams,
+) -> list[DrPOTargets | None]:
+    """`drpo_targets` for each prompt, with anchors that are detached copies of its own candidates (section 2.2).
+
+    Args:
+        generated: key -> ``(B, K, T, D)`` features of every prompt's candidates.
+        reference: key -> ``(B, K, T, D)`` reference features, or None without the reference term.
+        anchors: one entry per prompt: an object with ``positives`` and ``negatives`` index tensors into its K
+            candidates (`trl_drpo.ranking.AnchorSelection`), or None to skip the prompt (its entry stays None).
+        params: the objective's numbers.
+    """
+    targets: list[DrPOTargets | None] = []
+    for b, selection in enumerate(anchors):
+        if selection is None:
+            targets.append(None)
+            continue
+        row = {key: value[b : b + 1] for key, value in generated.items()}
+        targets.append(
+            drpo_targets(
+                row,
+                {key: value[:, selection.positives] for key, value in row.items()},
+                {key: value[:, selection.negatives] for key, value in row.items()},
+                {key: value[b : b + 1] for key, value in reference.items()} if reference else None,
+                params,
+            )
+        )
+    return targets
 
 
 def drpo_loss(

@@ -18,7 +18,7 @@ from datasets import Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from .drift import DrPOTargets, drpo_targets
+from .drift import DrPOTargets, drpo_targets_from_anchors
 from .drpo_config import DrPOConfig
 from .features import build_feature_map
 from .generators import OneStepGenerator
@@ -255,21 +255,7 @@ class DrPOTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             features = self._features(latents, embeds, num_prompts, rows)
             ref_features = self._features(reference, embeds, num_prompts, rows) if reference is not None else None
-        targets: list[DrPOTargets | None] = []
-        for b, selection in enumerate(selections):
-            if selection is None:
-                targets.append(None)
-                continue
-            row = {key: value[b : b + 1] for key, value in features.items()}
-            targets.append(
-                drpo_targets(
-                    row,
-                    {key: value[:, selection.positives] for key, value in row.items()},
-                    {key: value[:, selection.negatives] for key, value in row.items()},
-                    {key: value[b : b + 1] for key, value in ref_features.items()} if ref_features else None,
-                    self.drift_params,
-                )
-            )
+        targets = drpo_targets_from_anchors(features, ref_features, selections, self.drift_params)
         timings["field"] = time.perf_counter() - tick
 
         # Phase (b): regenerate candidates with gradient, chunk by chunk, and regress them onto their targets.
