@@ -29,7 +29,7 @@ from transformers import (
     Qwen2VLModel,
 )
 
-from trl_drpo.testing import TINY_RESOLUTION, tiny_clip_tokenizer
+from trl_drpo.testing import TINY_RESOLUTION, tiny_clip_tokenizer, turbo_scheduler
 
 
 PIPELINES = ("sd-turbo", "sdxl-turbo")
@@ -99,22 +99,6 @@ def _vae(tiny: bool, scaling_factor: float, force_upcast: bool):
     )
 
 
-def _scheduler(ancestral: bool):
-    # The Turbo schedulers: Euler (SD-Turbo) / Euler ancestral (SDXL-Turbo) with trailing spacing, one step at t=999.
-    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
-
-    cls = EulerAncestralDiscreteScheduler if ancestral else EulerDiscreteScheduler
-    return cls(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type="epsilon",
-        timestep_spacing="trailing",
-        steps_offset=1,
-    )
-
-
 def sd_turbo_pipeline(device: torch.device | str = "meta", dtype: torch.dtype = torch.float32, tiny: bool = False):
     """A `StableDiffusionPipeline` with SD-Turbo's architecture (SD 2.1 UNet, 512 px) and random weights."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -153,7 +137,7 @@ def sd_turbo_pipeline(device: torch.device | str = "meta", dtype: torch.dtype = 
         vae=vae,
         text_encoder=text,
         tokenizer=tiny_clip_tokenizer(),
-        scheduler=_scheduler(ancestral=False),
+        scheduler=turbo_scheduler(ancestral=False),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -213,7 +197,7 @@ def sdxl_turbo_pipeline(device: torch.device | str = "meta", dtype: torch.dtype 
         text_encoder_2=text_2,
         tokenizer=tiny_clip_tokenizer(),
         tokenizer_2=tiny_clip_tokenizer(),
-        scheduler=_scheduler(ancestral=True),
+        scheduler=turbo_scheduler(ancestral=True),
         force_zeros_for_empty_prompt=True,
     )
     pipe.set_progress_bar_config(disable=True)

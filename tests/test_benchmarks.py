@@ -104,8 +104,8 @@ def test_drpo_chunked_gradient_pass_matches_one_graph_and_saves_less():
 
 def test_benchmark_drpo_step_reproduces_the_trainer_step(tmp_path):
     """The instrumented step computes what `DrPOTrainer.training_step` computes: same loss, same LoRA gradient."""
-    from trl_drpo import DrPOConfig, DrPOTrainer
-    from trl_drpo.testing import tiny_sd_pipeline
+    from trl_drpo import DrPOTrainer
+    from trl_drpo.testing import tiny_drpo_config, tiny_sd_pipeline
 
     tower = build_reward("pickscore", "cpu", tiny=True)
     rank = tower.ranking_fn()
@@ -118,20 +118,7 @@ def test_benchmark_drpo_step_reproduces_the_trainer_step(tmp_path):
             return rank(images, prompts).tolist()
 
     torch.manual_seed(0)
-    args = DrPOConfig(
-        output_dir=str(tmp_path),
-        num_generations=6,
-        num_positives=2,
-        num_negatives=2,
-        candidate_chunk_size=2,
-        gradient_accumulation_steps=1,
-        per_device_train_batch_size=2,
-        lora_rank=4,
-        lora_alpha=4,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-    )
+    args = tiny_drpo_config(tmp_path, num_generations=6, num_positives=2, num_negatives=2, candidate_chunk_size=2)
     trainer = DrPOTrainer(tiny_sd_pipeline(), Reward(), args, train_dataset=PROMPTS)
     with torch.no_grad():  # non-zero LoRA B so that every LoRA weight gets a gradient
         for name, p in trainer.generator.denoiser.named_parameters():

@@ -96,10 +96,13 @@ def _tiny_unet(**kwargs):
     )
 
 
-def _turbo_scheduler():
-    from diffusers import EulerAncestralDiscreteScheduler
+def turbo_scheduler(ancestral: bool = True):
+    """The Turbo models' scheduler: Euler (SD-Turbo) or Euler ancestral (SDXL-Turbo), scaled-linear betas, epsilon
+    prediction, trailing timestep spacing, so one step runs at t=999."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-    return EulerAncestralDiscreteScheduler(
+    cls = EulerAncestralDiscreteScheduler if ancestral else EulerDiscreteScheduler
+    return cls(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -134,7 +137,7 @@ def tiny_sd_pipeline(seed: int = 0):
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tiny_clip_tokenizer(),
-        scheduler=_turbo_scheduler(),
+        scheduler=turbo_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -167,7 +170,7 @@ def tiny_sdxl_pipeline(seed: int = 0):
         text_encoder_2=CLIPTextModelWithProjection(_text_config(seed, projection_dim=_TEXT_HIDDEN)),
         tokenizer=tiny_clip_tokenizer(),
         tokenizer_2=tiny_clip_tokenizer(),
-        scheduler=_turbo_scheduler(),
+        scheduler=turbo_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
     return _finish(pipe)
