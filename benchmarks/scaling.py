@@ -54,6 +54,13 @@ def anchors_for(k: int) -> int:
     return max(1, k // 3)
 
 
+def _step_config(k: int, chunk: int | None) -> DrPOStepConfig:
+    """A micro-step at K candidates with `anchors_for(K)` positives and negatives, in chunks of `chunk`."""
+    return DrPOStepConfig(
+        num_generations=k, num_positives=anchors_for(k), num_negatives=anchors_for(k), candidate_chunk_size=chunk
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Drift-field cost
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,12 +221,7 @@ def _memory_rows(
             if resolution:
                 generator.resolution = resolution
             fmap = build_feature_map("denoiser", generator)
-            config = DrPOStepConfig(
-                num_generations=k,
-                num_positives=anchors_for(k),
-                num_negatives=anchors_for(k),
-                candidate_chunk_size=chunk_size,
-            )
+            config = _step_config(k, chunk_size)
 
             def step(saved: SavedTensorBytes | None = None, config=config, generator=generator, fmap=fmap) -> None:
                 rollout = drpo_rollout(generator, fmap, _random_rank, [PROMPT], config, NullMeter())
@@ -280,12 +282,7 @@ def memory_vs_k_meta(
     rows = []
     for k in ks:
         for chunk_size in (chunk, None):
-            config = DrPOStepConfig(
-                num_generations=k,
-                num_positives=anchors_for(k),
-                num_negatives=anchors_for(k),
-                candidate_chunk_size=chunk_size,
-            )
+            config = _step_config(k, chunk_size)
             rollout = _synthetic_rollout(generator, fmap, config, shapes)
             saved = SavedTensorBytes([generator.unwrapped_denoiser])
             with fused_attention_on_meta():
@@ -323,12 +320,7 @@ def memory_vs_k_gpu(
     rows = []
     for k in ks:
         for chunk_size in (chunk, None):
-            config = DrPOStepConfig(
-                num_generations=k,
-                num_positives=anchors_for(k),
-                num_negatives=anchors_for(k),
-                candidate_chunk_size=chunk_size,
-            )
+            config = _step_config(k, chunk_size)
             row: dict[str, Any] = {"k": k, "chunk": chunk_size}
             try:
                 rollout = drpo_rollout(generator, fmap, _random_rank, [PROMPT], config, NullMeter())
