@@ -37,8 +37,9 @@ from typing import Any, TypeVar
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.image_processor import VaeImageProcessor
 from torch import Tensor, nn
+
+from .scoring import to_pil
 
 
 logger = logging.getLogger(__name__)
@@ -609,7 +610,7 @@ class OneStepGenerator:
                 [self._decode_chunk(chunk, watermark=not requires_grad) for chunk in latents.split(chunk_size)]
             )
         if output_type == "pil":
-            return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
+            return to_pil(images)
         return images
 
     def decode_with_grad(self, latents: Tensor, chunk_size: int | None = None) -> Tensor:
