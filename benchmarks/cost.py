@@ -12,9 +12,11 @@ Three measurements, each a function returning JSON-ready dicts (run them all wit
 Methods compared (the `METHODS` table):
 
 - `drpo`: `trl_drpo` defaults: frozen-denoiser features (default keys), lambda = 0.2 (reference rollout), 8/8
-  anchors, chunked gradient pass.
+  anchors, one graph over the K candidates (the rollout's graph is reused for the gradient).
+- `drpo-chunk8`: the same with `candidate_chunk_size=8`: memory flat in K, at the cost of regenerating the
+  candidates (and their features) with gradient.
 - `drpo-paper`: the paper's HPSv3 profile: latent-MAE ResNet features (random weights, the published architecture),
-  reference term off, 12/12 anchors.
+  reference term off, 12/12 anchors, one graph.
 - `draft`: minimal reward back-propagation: loss = -reward through reward model, VAE decoder and UNet.
 - `draft-paper`: the paper's profiled DRaFT: also a frozen-reference forward (weight 0) and gradient checkpointing in
   the reward model (one extra reward forward in backward).
@@ -25,7 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,8 +62,21 @@ IMAGES_PER_UPDATE = MICRO_STEPS_PER_UPDATE * PROMPTS_PER_MICRO_STEP * NUM_GENERA
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
 METHODS: dict[str, dict[str, Any]] = {
-    "drpo": {"family": "drpo", "feature_map": "denoiser", "reference_loss_weight": 0.2, "anchors": 8},
-    "drpo-paper": {"family": "drpo", "feature_map": "latent_mae", "reference_loss_weight": 0.0, "anchors": 12},
+    "drpo": {"family": "drpo", "feature_map": "denoiser", "reference_loss_weight": 0.2, "anchors": 8, "chunk": None},
+    "drpo-chunk8": {
+        "family": "drpo",
+        "feature_map": "denoiser",
+        "reference_loss_weight": 0.2,
+        "anchors": 8,
+        "chunk": 8,
+    },
+    "drpo-paper": {
+        "family": "drpo",
+        "feature_map": "latent_mae",
+        "reference_loss_weight": 0.0,
+        "anchors": 12,
+        "chunk": None,
+    },
     "draft": {"family": "draft", "reference_forward": False, "reward_checkpointing": False},
     "draft-paper": {"family": "draft", "reference_forward": True, "reward_checkpointing": True},
 }
@@ -101,6 +116,11 @@ def drpo_config(method: str, k: int = NUM_GENERATIONS, chunk: int | None = None,
     return DrPOStepConfig(
         num_generations=k, num_positives=anchors, num_negatives=anchors, candidate_chunk_size=chunk, drift=drift, **kw
     )
+
+
+def method_chunk(method: str, k: int = NUM_GENERATIONS) -> int | None:
+    """Candidates per chunk of `method`: DrPO's own setting, or K at once for DRaFT."""
+    return METHODS[method]["chunk"] if METHODS[method]["family"] == "drpo" else k
 
 
 def draft_config(method: str, k: int = NUM_GENERATIONS, chunk: int | None = 1, **kw: Any) -> DraftStepConfig:
@@ -182,12 +202,14 @@ def micro_step_flops(
 ) -> dict[str, Any]:
     """FLOPs of one micro-step (1 prompt, `k` candidates) of `method` on a `meta` generator and reward.
 
-    Chunking does not change FLOPs, so both methods are counted with one chunk (fast on `meta`).
+    DrPO runs with its method's `chunk` (one graph saves the regeneration); DRaFT's chunking does not change its
+    FLOPs, so it is counted with one chunk (fast on `meta`).
     """
     reward = _prepare_reward(method, reward)
-    features = build_features(method, generator, tiny=tiny) if METHODS[method]["family"] == "drpo" else None
+    drpo = METHODS[method]["family"] == "drpo"
+    features = build_features(method, generator, tiny=tiny) if drpo else None
     meter = Meter(count_flops=True)
-    run_method(method, generator, reward, features, meter, k=k, chunk=k)
+    run_method(method, generator, reward, features, meter, k=k, chunk=method_chunk(method, k))
     split = backward_split(method, generator, reward, features)
     detail = {name: int(value) for name, value in sorted(meter.flops.items())}
     return {"components": meter.flop_totals(), "detail": detail, "backward_per_image": split}
@@ -384,9 +406,9 @@ class _TinyStep:
 def gpu_real_size(
     pipelines: Sequence[str] = ("sd-turbo",),
     rewards: Sequence[str] = REWARDS,
-    methods: Sequence[str] = ("drpo", "draft"),
+    methods: Sequence[str] = ("drpo", "drpo-chunk8", "draft"),
     k: int = NUM_GENERATIONS,
-    drpo_chunk: int | None = 8,
+    chunk_overrides: Mapping[str, int | None] | None = None,
     draft_chunk: int | None = 1,
     repeats: int = 1,
     dtype: torch.dtype = torch.bfloat16,
@@ -396,8 +418,10 @@ def gpu_real_size(
     """Per-GPU update time and peak memory at real size: `ACCUMULATION_STEPS` micro-steps of 1 prompt x K.
 
     One GPU does what each of the paper's 4 does per update (2 micro-steps of 24 candidates); the all-reduce of the
-    LoRA gradients is not included. Random weights in `dtype` (LoRA in fp32). Skipped when `device` is CUDA and
-    there is none. (`device="cpu", tiny=True` runs the same code on the tiny models, for tests.)
+    LoRA gradients is not included. Random weights in `dtype` (LoRA in fp32). DrPO methods run with their own
+    `chunk` (or `chunk_overrides[method]`); DRaFT streams `draft_chunk` images at a time, as the paper's did.
+    Skipped when `device` is CUDA and there is none. (`device="cpu", tiny=True` runs the same code on the tiny
+    models, for tests.)
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -411,7 +435,8 @@ def gpu_real_size(
                 reward = _prepare_reward(method, reward)
                 drpo = METHODS[method]["family"] == "drpo"
                 features = build_features(method, generator, tiny=tiny) if drpo else None
-                chunk = drpo_chunk if METHODS[method]["family"] == "drpo" else draft_chunk
+                chunk = method_chunk(method, k) if drpo else draft_chunk
+                chunk = (chunk_overrides or {}).get(method, chunk)
                 row = _gpu_measure(method, generator, reward, features, k, chunk, repeats, device)
                 rows.append({"pipeline": pipeline, "reward": reward_name, "method": method, "chunk": chunk, **row})
                 del features

@@ -8,7 +8,9 @@ cost in any of them shows up here. If `DrPOTrainer.training_step` changes its st
 
 Phase (a), without gradient: rollout of K candidates per prompt (and their reference twins when lambda > 0),
 decode, reward (ranking only), features, drift-field targets. Phase (b): regenerate the candidates in chunks *with*
-gradient from the same noise, regress their features on the stored targets, backward per chunk.
+gradient from the same noise, regress their features on the stored targets, backward per chunk. With one chunk (one
+graph over all K) the rollout and its features are computed with gradient and phase (b) reuses that graph, as the
+trainer does.
 """
 
 from __future__ import annotations
@@ -44,16 +46,27 @@ class DrPOStepConfig:
     decode_chunk_size: int | None = None
     accumulation_steps: int = 1
     drift: DriftHyperparams = field(default_factory=DriftHyperparams)
+    reuse_rollout_graph: bool = True
+    """With one chunk, phase (b) reuses the rollout's graph (the trainer's behaviour); False regenerates, which
+    isolates the gradient pass for memory measurements."""
+
+    @property
+    def one_graph(self) -> bool:
+        """Whether the rollout is built with gradient and reused by the gradient pass."""
+        chunk = self.candidate_chunk_size or self.num_generations
+        return self.reuse_rollout_graph and chunk >= self.num_generations
 
 
 @dataclass
 class DrPORollout:
-    """What phase (a) leaves for phase (b): repeated prompt embeddings, the noise and the detached targets."""
+    """What phase (a) leaves for phase (b): repeated prompt embeddings, the noise and the detached targets; in
+    one-graph mode also the candidates' features with their graph."""
 
     embeds: PromptEmbeds
     noise: Tensor
     targets: list[DrPOTargets]
     num_prompts: int
+    graph_features: dict[str, Tensor] | None = None
 
 
 def _features(
@@ -81,46 +94,59 @@ def drpo_rollout(
     config: DrPOStepConfig,
     meter: Meter | None = None,
     noise_generator: torch.Generator | None = None,
+    saved: SavedTensorBytes | None = None,
 ) -> DrPORollout:
-    """Phase (a): everything without gradient, ending with the drift-field targets of every prompt."""
+    """Phase (a), ending with the drift-field targets of every prompt: without gradient, except in one-graph mode,
+    where the candidates and their features keep their graph (whose saved activations `saved` then records)."""
     meter = meter or NullMeter()
     prompts = list(prompts)
     num_prompts, k = len(prompts), config.num_generations
     params = config.drift
     stand_in = torch.Generator().manual_seed(0)  # values for meta tensors (see `real_or_random`)
     rows = (config.candidate_chunk_size or k) * num_prompts  # as the trainer: phase (a) in candidate chunks too
-    with torch.no_grad():
-        with meter("generation/text"):
-            embeds = generator.encode_prompts(prompts).repeat_interleave(k)
-        noise = generator.make_noise(num_prompts * k, noise_generator)
-        with meter("generation/rollout"):
+    one_graph = config.one_graph
+    graph = saved.graph() if saved is not None and one_graph else contextlib.nullcontext()
+    with graph:
+        with torch.no_grad():
+            with meter("generation/text"):
+                embeds = generator.encode_prompts(prompts).repeat_interleave(k)
+            noise = generator.make_noise(num_prompts * k, noise_generator)
+        with meter("generation/rollout"), torch.set_grad_enabled(one_graph):
             latents = map_rows(lambda r: generator.sample(embeds.select(r), noise[r]), len(noise), rows)
-        reference = None
-        if params.reference_loss_weight > 0:
-            with meter("generation/reference"):
-                reference = map_rows(lambda r: generator.reference(embeds.select(r), noise[r]), len(noise), rows)
-        with meter("decode"):
-            images = generator.decode(latents, chunk_size=config.decode_chunk_size or rows)
-        with meter("reward"):
-            scores = rank_fn(images, [p for p in prompts for _ in range(k)])
-        scores = torch.nan_to_num(real_or_random(scores, stand_in).float().cpu())  # random weights may overflow
-        selections = top_bottom_k(scores.view(num_prompts, k), config.num_positives, config.num_negatives)
-        with meter("features/rollout"):
-            features = _features(feature_map, latents, embeds, num_prompts, rows)
+        with torch.no_grad():
+            reference = None
+            if params.reference_loss_weight > 0:
+                with meter("generation/reference"):
+                    reference = map_rows(lambda r: generator.reference(embeds.select(r), noise[r]), len(noise), rows)
+            with meter("decode"):
+                images = generator.decode(latents.detach(), chunk_size=config.decode_chunk_size or rows)
+            with meter("reward"):
+                scores = rank_fn(images, [p for p in prompts for _ in range(k)])
+            scores = torch.nan_to_num(real_or_random(scores, stand_in).float().cpu())  # random weights may overflow
+            selections = top_bottom_k(scores.view(num_prompts, k), config.num_positives, config.num_negatives)
+        with meter("features/rollout"), torch.set_grad_enabled(one_graph):
+            graph_features = _features(feature_map, latents, embeds, num_prompts, rows)
+    with torch.no_grad():
         ref_features = None
         if reference is not None:
             with meter("features/reference"):
                 ref_features = _features(feature_map, reference, embeds, num_prompts, rows)
 
         device = latents.device
-        features = {key: real_or_random(value, stand_in) for key, value in features.items()}
+        features = {key: real_or_random(value.detach(), stand_in) for key, value in graph_features.items()}
         if ref_features is not None:
             ref_features = {key: real_or_random(value, stand_in) for key, value in ref_features.items()}
         with meter("field"):
             targets = drpo_targets_from_anchors(features, ref_features, selections, params)
         if device.type == "meta":
             targets = [targets_to_device(target, device) for target in targets]
-    return DrPORollout(embeds=embeds, noise=noise, targets=targets, num_prompts=num_prompts)
+    return DrPORollout(
+        embeds=embeds,
+        noise=noise,
+        targets=targets,
+        num_prompts=num_prompts,
+        graph_features=graph_features if one_graph else None,
+    )
 
 
 def drpo_gradient_pass(
@@ -131,16 +157,22 @@ def drpo_gradient_pass(
     meter: Meter | None = None,
     saved: SavedTensorBytes | None = None,
 ) -> Tensor:
-    """Phase (b): regenerate candidates chunk by chunk with gradient and back-propagate the regression on the targets.
+    """Phase (b): back-propagate the regression of the candidates' features on the targets: on the rollout's graph
+    in one-graph mode, else regenerating the candidates chunk by chunk with gradient.
 
-    `candidate_chunk_size=None` is the one-graph pass (all K candidates of every prompt in one graph). `saved`, if
-    given, records the activation bytes of each chunk's graph. Returns the (detached) loss.
+    `candidate_chunk_size=None` without a rollout graph regenerates all K candidates of every prompt in one graph.
+    `saved`, if given, records the activation bytes of each regenerated chunk's graph. Returns the (detached) loss.
     """
     meter = meter or NullMeter()
     k = config.num_generations
     chunk = config.candidate_chunk_size or k
     rows = list(range(rollout.num_prompts))
     weight = 1.0 / (len(rows) * config.accumulation_steps)
+    if rollout.graph_features is not None:
+        loss = weight * _regression_loss(rollout.graph_features, rollout.targets, rows, 0)
+        with meter("backward"):
+            loss.backward()
+        return loss.detach().cpu() if loss.device.type != "meta" else torch.zeros(())
     total = torch.zeros(())
     for begin in range(0, k, chunk):
         end = min(begin + chunk, k)
@@ -152,16 +184,21 @@ def drpo_gradient_pass(
                 latents = generator.one_step(generator.denoiser, embeds, rollout.noise[ids.to(rollout.noise.device)])
             with meter("features/regenerate"):
                 feats = _features(feature_map, latents, embeds, len(rows))
-            losses = [
-                rollout.targets[b].loss({key: value[n : n + 1] for key, value in feats.items()}, begin).sum()
-                for n, b in enumerate(rows)
-            ]
-            loss = weight * torch.stack(losses).sum()
+            loss = weight * _regression_loss(feats, rollout.targets, rows, begin)
         with meter("backward"):
             loss.backward()
         if loss.device.type != "meta":
             total = total + loss.detach().cpu()
     return total
+
+
+def _regression_loss(feats: dict[str, Tensor], targets: list[DrPOTargets], rows: list[int], begin: int) -> Tensor:
+    # Row n of `feats` holds prompt rows[n]'s candidates begin, begin + 1, ...
+    losses = [
+        targets[b].loss({key: value[n : n + 1] for key, value in feats.items()}, begin).sum()
+        for n, b in enumerate(rows)
+    ]
+    return torch.stack(losses).sum()
 
 
 def drpo_step(

@@ -108,7 +108,11 @@ def evaluate_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         if cost.METHODS[row["method"]]["family"] != "drpo":
             continue
         for draft, ratio in row["ratio_vs"].items():
-            matched = (row["method"], draft) in (("drpo", "draft"), ("drpo-paper", "draft-paper"))
+            matched = (row["method"], draft) in (
+                ("drpo", "draft"),
+                ("drpo-chunk8", "draft"),
+                ("drpo-paper", "draft-paper"),
+            )
             if not matched:
                 continue
             hps = row["reward"] == "hpsv3"
@@ -140,7 +144,7 @@ def evaluate_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         )
     checks += _memory_checks("memory_cpu", results["memory_cpu"], "gradient_pass_peak_bytes", "CPU allocator, tiny")
     # Not a target (the target is the gradient pass), but what a user sees: the whole step, phase (a) chunked too.
-    label = "CPU allocator, tiny, whole micro-step (both phases chunked)"
+    label = "CPU allocator, tiny, whole micro-step (rollout and gradient pass)"
     for check in _memory_checks("memory_cpu", results["memory_cpu"], "step_peak_bytes", label):
         checks.append({**check, "target": check["target"].replace("pass", "step"), "met": None})
     checks += _memory_checks(

@@ -54,10 +54,18 @@ def anchors_for(k: int) -> int:
     return max(1, k // 3)
 
 
-def _step_config(k: int, chunk: int | None) -> DrPOStepConfig:
-    """A micro-step at K candidates with `anchors_for(K)` positives and negatives, in chunks of `chunk`."""
+def _step_config(k: int, chunk: int | None, reuse_rollout_graph: bool = True) -> DrPOStepConfig:
+    """A micro-step at K candidates with `anchors_for(K)` positives and negatives, in chunks of `chunk`.
+
+    `reuse_rollout_graph=False` makes the one-graph gradient pass regenerate its graph, so that the pass can be
+    measured on its own, like a chunked one.
+    """
     return DrPOStepConfig(
-        num_generations=k, num_positives=anchors_for(k), num_negatives=anchors_for(k), candidate_chunk_size=chunk
+        num_generations=k,
+        num_positives=anchors_for(k),
+        num_negatives=anchors_for(k),
+        candidate_chunk_size=chunk,
+        reuse_rollout_graph=reuse_rollout_graph,
     )
 
 
@@ -221,17 +229,18 @@ def _memory_rows(
             if resolution:
                 generator.resolution = resolution
             fmap = build_feature_map("denoiser", generator)
-            config = _step_config(k, chunk_size)
+            config = _step_config(k, chunk_size)  # the trainer's step (one graph reuses the rollout's)
+            isolated = _step_config(k, chunk_size, reuse_rollout_graph=False)
 
-            def step(saved: SavedTensorBytes | None = None, config=config, generator=generator, fmap=fmap) -> None:
+            def step(config=config, generator=generator, fmap=fmap) -> None:
                 rollout = drpo_rollout(generator, fmap, _random_rank, [PROMPT], config, NullMeter())
-                drpo_gradient_pass(generator, fmap, rollout, config, NullMeter(), saved)
+                drpo_gradient_pass(generator, fmap, rollout, config, NullMeter())
 
             step()  # warm-up: gradient buffers exist afterwards, so only activations are measured
-            rollout = drpo_rollout(generator, fmap, _random_rank, [PROMPT], config, NullMeter())
+            rollout = drpo_rollout(generator, fmap, _random_rank, [PROMPT], isolated, NullMeter())
             saved = SavedTensorBytes([generator.unwrapped_denoiser])
             with CPUPeakMemory() as gradient_pass:
-                drpo_gradient_pass(generator, fmap, rollout, config, NullMeter(), saved)
+                drpo_gradient_pass(generator, fmap, rollout, isolated, NullMeter(), saved)
             del rollout
             with CPUPeakMemory() as whole:
                 step()
@@ -282,7 +291,7 @@ def memory_vs_k_meta(
     rows = []
     for k in ks:
         for chunk_size in (chunk, None):
-            config = _step_config(k, chunk_size)
+            config = _step_config(k, chunk_size, reuse_rollout_graph=False)
             rollout = _synthetic_rollout(generator, fmap, config, shapes)
             saved = SavedTensorBytes([generator.unwrapped_denoiser])
             with fused_attention_on_meta():
@@ -320,7 +329,7 @@ def memory_vs_k_gpu(
     rows = []
     for k in ks:
         for chunk_size in (chunk, None):
-            config = _step_config(k, chunk_size)
+            config = _step_config(k, chunk_size, reuse_rollout_graph=False)  # the gradient pass on its own
             row: dict[str, Any] = {"k": k, "chunk": chunk_size}
             try:
                 rollout = drpo_rollout(generator, fmap, _random_rank, [PROMPT], config, NullMeter())

@@ -90,10 +90,10 @@ def test_drpo_chunked_gradient_pass_matches_one_graph_and_saves_less():
     for chunk in (None, 2):
         zero_grads(generator)
         config = cost.drpo_config("drpo", k=6, chunk=chunk)
-        rollout = drpo_rollout(
-            generator, fmap, reward.ranking_fn(), PROMPTS, config, None, torch.Generator().manual_seed(0)
-        )
         saved = SavedTensorBytes([generator.unwrapped_denoiser])
+        rollout = drpo_rollout(
+            generator, fmap, reward.ranking_fn(), PROMPTS, config, None, torch.Generator().manual_seed(0), saved
+        )
         drpo_gradient_pass(generator, fmap, rollout, config, None, saved)
         grads.append(lora_grads(generator))
         saved_bytes.append(saved.peak_bytes)
@@ -102,7 +102,8 @@ def test_drpo_chunked_gradient_pass_matches_one_graph_and_saves_less():
     assert 0 < saved_bytes[1] < saved_bytes[0]
 
 
-def test_benchmark_drpo_step_reproduces_the_trainer_step(tmp_path):
+@pytest.mark.parametrize("chunk", [2, None])
+def test_benchmark_drpo_step_reproduces_the_trainer_step(tmp_path, chunk):
     """The instrumented step computes what `DrPOTrainer.training_step` computes: same loss, same LoRA gradient."""
     from trl_drpo import DrPOTrainer
     from trl_drpo.testing import tiny_drpo_config, tiny_sd_pipeline
@@ -118,7 +119,7 @@ def test_benchmark_drpo_step_reproduces_the_trainer_step(tmp_path):
             return rank(images, prompts).tolist()
 
     torch.manual_seed(0)
-    args = tiny_drpo_config(tmp_path, num_generations=6, num_positives=2, num_negatives=2, candidate_chunk_size=2)
+    args = tiny_drpo_config(tmp_path, num_generations=6, num_positives=2, num_negatives=2, candidate_chunk_size=chunk)
     trainer = DrPOTrainer(tiny_sd_pipeline(), Reward(), args, train_dataset=PROMPTS)
     with torch.no_grad():  # non-zero LoRA B so that every LoRA weight gets a gradient
         for name, p in trainer.generator.denoiser.named_parameters():
@@ -131,7 +132,7 @@ def test_benchmark_drpo_step_reproduces_the_trainer_step(tmp_path):
 
     zero_grads(trainer.generator)
     config = DrPOStepConfig(
-        num_generations=6, num_positives=2, num_negatives=2, candidate_chunk_size=2, drift=trainer.drift_params
+        num_generations=6, num_positives=2, num_negatives=2, candidate_chunk_size=chunk, drift=trainer.drift_params
     )
     loss = drpo_step(
         trainer.generator, trainer.feature_map, rank, PROMPTS, config, Meter(), torch.Generator().manual_seed(123)
@@ -217,8 +218,10 @@ def test_gpu_paths_skip_without_cuda_and_run_on_cpu_tiny():
     if not torch.cuda.is_available():
         assert "skipped" in cost.gpu_real_size()
         assert "skipped" in scaling.memory_vs_k_gpu()
-    out = cost.gpu_real_size(rewards=("hpsv3",), k=4, drpo_chunk=2, device="cpu", dtype=torch.float32, tiny=True)
-    assert {row["method"] for row in out["rows"]} == {"drpo", "draft"}
+    out = cost.gpu_real_size(
+        rewards=("hpsv3",), k=4, chunk_overrides={"drpo-chunk8": 2}, device="cpu", dtype=torch.float32, tiny=True
+    )
+    assert [(row["method"], row["chunk"]) for row in out["rows"]] == [("drpo", None), ("drpo-chunk8", 2), ("draft", 1)]
     for row in out["rows"]:
         assert row["seconds_per_update"]["total"] > 0 and row["peak_bytes"] > 0
     memory = scaling.memory_vs_k_gpu(ks=(4,), chunk=2, device="cpu", dtype=torch.float32, tiny=True)

@@ -78,6 +78,30 @@ def test_chunked_gradient_equals_one_graph_gradient(tmp_path):
         torch.testing.assert_close(grads_chunked[name], grads_full[name], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize(("chunk", "passes"), [(None, 1), (2, 2)])
+def test_adapted_denoiser_runs_once_per_candidate_in_one_graph_and_twice_when_chunked(tmp_path, chunk, passes):
+    trainer = DrPOTrainer(
+        tiny_sd_pipeline(),
+        mean_brightness,
+        small_config(tmp_path, num_generations=4, num_positives=1, num_negatives=1, candidate_chunk_size=chunk),
+        train_dataset=PROMPTS,
+    )
+    generator = trainer.generator
+    denoiser = generator.unwrapped_denoiser
+    rows = []
+
+    def count_adapted_rows(_module, args):
+        if generator._adapters_enabled(denoiser):
+            rows.append(args[0].shape[0])
+
+    handle = denoiser.register_forward_pre_hook(count_adapted_rows)
+    try:
+        trainer.training_step(trainer.model, trainer.data_collator([{"prompt": p} for p in PROMPTS[:2]]))
+    finally:
+        handle.remove()
+    assert sum(rows) == passes * 2 * 4
+
+
 def test_save_model_then_load_lora_weights_reproduces_the_tuned_images(tmp_path):
     trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, small_config(tmp_path), train_dataset=PROMPTS)
     trainer.train()
@@ -312,24 +336,39 @@ def test_missing_prompts_is_a_clear_error(tmp_path):
 
 
 DISTRIBUTED_SCRIPT = """
+import json
 import sys
 from safetensors.torch import save_file
 from trl_drpo import DrPOTrainer
+from trl_drpo.scoring import to_pil
 from trl_drpo.testing import mean_brightness, tiny_drpo_config, tiny_sd_pipeline
 
+scored = []
+
+def brightness(images, prompts):
+    scored.append(len(images))
+    return mean_brightness(images, prompts)
+
 out = sys.argv[1]
-config = tiny_drpo_config(out, per_device_train_batch_size=1)
-trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=["a", "b", "c", "d", "e", "f"])
+config = tiny_drpo_config(out, per_device_train_batch_size=1, eval_seeds=[1, 2])
+trainer = DrPOTrainer(tiny_sd_pipeline(), brightness, config, train_dataset=["a", "b", "c", "d", "e", "f"])
 trainer.train()
 rank = trainer.accelerator.process_index
 state = {n: p.detach().contiguous() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
          if "lora" in n}
 save_file(state, f"{out}/rank{rank}.safetensors")
+
+scored.clear()
+metrics = trainer.evaluate(["a cat", "a dog", "a bird"])
+images_scored = sum(scored)
+unsharded = mean_brightness(to_pil(trainer.render(["a cat", "a dog", "a bird"], [1, 2])), None)
+report = {"eval_reward": metrics["eval_reward"], "images_scored": images_scored, "unsharded": sum(unsharded) / 6}
+json.dump(report, open(f"{out}/eval{rank}.json", "w"))
 """
 
 
 @pytest.mark.slow
-def test_two_process_accelerate_launch_keeps_adapters_identical(tmp_path):
+def test_two_process_accelerate_launch_keeps_adapters_identical_and_shards_evaluation(tmp_path):
     from safetensors.torch import load_file
 
     script = tmp_path / "train.py"
@@ -361,6 +400,12 @@ def test_two_process_accelerate_launch_keeps_adapters_identical(tmp_path):
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
     # The adapters moved away from their zero-initialised B matrices.
     assert any(rank0[name].abs().max() > 0 for name in rank0 if "lora_B" in name)
+    # evaluate() splits its 3 prompts x 2 seeds (tuned, then base) between the ranks, which all report the
+    # single-process mean.
+    reports = [json.loads((out / f"eval{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["images_scored"] for r in reports] == [6, 6]
+    assert reports[0]["eval_reward"] == reports[1]["eval_reward"]
+    assert reports[0]["eval_reward"] == pytest.approx(reports[0]["unsharded"], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,6 +484,24 @@ def test_image_grids_with_rewards_are_logged_to_tensorboard(tmp_path):
     assert "train/candidates" in events.Tags()["images"]
     assert len(events.Images("train/candidates")) == config.max_steps
     assert any("train/candidates_rewards" in tag for tag in events.Tags()["tensors"])
+
+
+def test_metrics_and_image_grids_are_logged_to_wandb_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(name, value)
+    config = small_config(tmp_path, report_to="wandb", log_images_steps=1, logging_steps=1)
+    try:
+        DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS).train()
+        run = wandb.run
+        assert run is not None and run.config["num_generations"] == config.num_generations
+        assert run.config["feature_map"] == "denoiser"
+        assert {"train/reward", "train/timing/step"} <= set(run.summary.keys())
+    finally:
+        wandb.finish()
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    grids = sorted((run_dir / "files" / "media" / "images" / "train").glob("candidates_*.png"))
+    assert len(grids) == config.max_steps
 
 
 def test_periodic_evaluation_during_training_logs_tuned_and_base_rewards(tmp_path):

@@ -70,7 +70,9 @@ class DrPOConfig(TrainingArguments):
         candidate_chunk_size (`int` or `None`, *optional*, defaults to `None`):
             Candidates per prompt processed at once: in the no-gradient rollout (generation, reference, decode,
             features) and when they are regenerated with gradient. Peak activation memory scales with this chunk, not
-            with K; the gradient is the same for any value. `None` uses K.
+            with K; the gradient is the same for any value. `None` (or any value >= K) builds one graph over all K
+            candidates: the rollout's graph is reused for the gradient, which saves a denoiser forward and a feature
+            forward per candidate, but peak memory grows with K.
         decode_chunk_size (`int` or `None`, *optional*, defaults to `None`):
             Latents decoded by the VAE at once (no gradient). `None` decodes a candidate chunk at a time.
 
@@ -182,7 +184,10 @@ class DrPOConfig(TrainingArguments):
     num_generations: int = field(default=24, metadata={"help": "Candidates K per prompt."})
     resolution: int | None = field(default=None, metadata={"help": "Image size; None uses the pipeline's default."})
     candidate_chunk_size: int | None = field(
-        default=None, metadata={"help": "Candidates per prompt regenerated with gradient at once; None = K."}
+        default=None,
+        metadata={
+            "help": "Candidates per prompt processed at once; None = K in one graph (fastest, memory grows with K)."
+        },
     )
     decode_chunk_size: int | None = field(
         default=None, metadata={"help": "Latents decoded at once; None = the candidate chunk's rows."}

@@ -86,8 +86,9 @@ class DrPOTrainer(Trainer):
     with their reference twins from the base generator (the same denoiser with the adapter disabled, same noise);
     the candidates are decoded and scored by the rewards, which are only used to rank them; the best and worst
     become positive and negative anchors; a frozen feature map embeds everything; the drift field gives each
-    candidate's features a detached target; and the candidates are regenerated with gradient, chunk by chunk, and
-    regressed onto their targets. The reward never receives a gradient.
+    candidate's features a detached target; and the candidates' features are regressed onto their targets, on the
+    rollout's own graph (one graph over the K candidates, the default) or by regenerating the candidates with
+    gradient chunk by chunk (`candidate_chunk_size`, memory flat in K). The reward never receives a gradient.
 
     Args:
         pipe: a diffusers pipeline with a supported one-step adapter (`StableDiffusionPipeline` for SD-Turbo,
@@ -222,18 +223,26 @@ class DrPOTrainer(Trainer):
         start = time.perf_counter()
 
         # Phase (a): everything without gradient (section 11.3), in chunks of `candidate_chunk_size` candidates per
-        # prompt so that its peak memory does not grow with K either.
+        # prompt so that its peak memory does not grow with K either. With one chunk (one graph over all K, the
+        # memory-hungry mode) the candidates are generated with gradient once and that graph is reused by phase (b),
+        # which saves a denoiser and a feature forward per candidate.
         gen = self.generator
+        one_graph = (args.candidate_chunk_size or k) >= k
         rows = (args.candidate_chunk_size or k) * num_prompts
         with torch.no_grad():
             embeds = gen.encode_prompts(prompts).repeat_interleave(k)
             noise = gen.make_noise(num_prompts * k, self._noise_generator())
-            with self.compute_loss_context_manager():
-                latents = map_rows(lambda r: gen.sample(embeds.select(r), noise[r]), len(noise), rows)
-                reference = None
-                if self.drift_params.reference_loss_weight > 0:
-                    reference = map_rows(lambda r: gen.reference(embeds.select(r), noise[r]), len(noise), rows)
-            images = gen.decode(latents, chunk_size=args.decode_chunk_size or rows)
+        with self.compute_loss_context_manager():
+            if one_graph:
+                latents = gen.one_step(model, embeds, noise)
+            else:
+                with torch.no_grad():
+                    latents = map_rows(lambda r: gen.sample(embeds.select(r), noise[r]), len(noise), rows)
+            reference = None
+            if self.drift_params.reference_loss_weight > 0:
+                reference = map_rows(lambda r: gen.reference(embeds.select(r), noise[r]), len(noise), rows)
+        with torch.no_grad():
+            images = gen.decode(latents.detach(), chunk_size=args.decode_chunk_size or rows)
         timings["rollout"] = time.perf_counter() - start
 
         tick = time.perf_counter()
@@ -252,15 +261,22 @@ class DrPOTrainer(Trainer):
         timings["reward"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        with torch.no_grad(), self.compute_loss_context_manager():
-            features = self._features(latents, embeds, num_prompts, rows)
-            ref_features = self._features(reference, embeds, num_prompts, rows) if reference is not None else None
+        with self.compute_loss_context_manager():
+            with torch.set_grad_enabled(one_graph):
+                graph_features = self._features(latents, embeds, num_prompts, rows)
+            with torch.no_grad():
+                ref_features = self._features(reference, embeds, num_prompts, rows) if reference is not None else None
+        features = {key: value.detach() for key, value in graph_features.items()}
         targets = drpo_targets_from_anchors(features, ref_features, selections, self.drift_params)
         timings["field"] = time.perf_counter() - tick
 
-        # Phase (b): regenerate candidates with gradient, chunk by chunk, and regress them onto their targets.
+        # Phase (b): regress the candidates' features onto their targets: on the rollout's graph, or by regenerating
+        # the candidates with gradient chunk by chunk.
         tick = time.perf_counter()
-        loss = self._gradient_pass(model, embeds, noise, targets)
+        if one_graph:
+            loss = self._one_graph_pass(latents, graph_features, targets)
+        else:
+            loss = self._gradient_pass(model, embeds, noise, targets)
         timings["backward"] = time.perf_counter() - tick
         timings["step"] = time.perf_counter() - start
 
@@ -279,6 +295,39 @@ class DrPOTrainer(Trainer):
         feats = map_rows(lambda r: self.feature_map(latents[r], embeds.select(r)), len(latents), rows or len(latents))
         return {key: value.float().reshape(num_prompts, -1, *value.shape[1:]) for key, value in feats.items()}
 
+    def _loss_weight(self, targets: list[DrPOTargets | None]) -> tuple[list[int], float]:
+        """The prompts with targets, and the weight of each one's loss in the optimizer update's mean."""
+        active = [b for b, target in enumerate(targets) if target is not None]
+        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return active, (1.0 / (len(active) * accumulation) if active else 0.0)
+
+    @staticmethod
+    def _regression_loss(
+        feats: dict[str, torch.Tensor], prompts: list[int], begin: int, targets: list[DrPOTargets | None]
+    ) -> torch.Tensor:
+        """Sum of the drift regressions of candidates ``begin, begin + 1, ...`` of `prompts` (row ``n`` of `feats`
+        holds prompt ``prompts[n]``)."""
+        losses = [
+            targets[b].loss({key: value[n : n + 1] for key, value in feats.items()}, begin).sum()
+            for n, b in enumerate(prompts)
+        ]
+        return torch.stack(losses).sum()
+
+    def _one_graph_pass(
+        self, latents: torch.Tensor, feats: dict[str, torch.Tensor], targets: list[DrPOTargets | None]
+    ) -> torch.Tensor:
+        active, weight = self._loss_weight(targets)
+        if active:
+            index = torch.tensor(active, device=latents.device)
+            loss = weight * self._regression_loss(
+                {key: value[index] for key, value in feats.items()}, active, 0, targets
+            )
+        else:
+            # No usable preference: a zero-weight backward still lets every rank take part in the all-reduce.
+            loss = 0.0 * latents.float().sum()
+        self.accelerator.backward(loss)
+        return loss.detach()
+
     def _gradient_pass(
         self,
         model: torch.nn.Module,
@@ -288,11 +337,9 @@ class DrPOTrainer(Trainer):
     ) -> torch.Tensor:
         k = self.args.num_generations
         chunk = self.args.candidate_chunk_size or k
-        active = [b for b, target in enumerate(targets) if target is not None]
+        active, weight = self._loss_weight(targets)
         # A micro-batch without any usable preference still runs one forward/backward with zero weight, so that
         # every rank takes part in the gradient all-reduce.
-        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        weight = 1.0 / (len(active) * accumulation) if active else 0.0
         rows = active or [0]
         starts = list(range(0, k, chunk))
         total = torch.zeros((), device=self.accelerator.device)
@@ -306,11 +353,7 @@ class DrPOTrainer(Trainer):
                     latents = self.generator.one_step(model, embeds.select(ids), noise[ids.to(noise.device)])
                     feats = self._features(latents, embeds.select(ids), len(rows))
                 if active:
-                    losses = [
-                        targets[b].loss({key: value[n : n + 1] for key, value in feats.items()}, begin).sum()
-                        for n, b in enumerate(rows)
-                    ]
-                    loss = weight * torch.stack(losses).sum()
+                    loss = weight * self._regression_loss(feats, rows, begin, targets)
                 else:
                     loss = 0.0 * latents.float().sum()
                 self.accelerator.backward(loss)
@@ -388,16 +431,14 @@ class DrPOTrainer(Trainer):
         Image ``(seed, i)`` uses the latent seed ``seed * 10**6 + i`` (the paper's protocol), so results are
         comparable across runs and checkpoints. ``adapter=False`` renders the base generator.
         """
+        return self._render_pairs(prompts, [(seed, i) for seed in seeds for i in range(len(prompts))], adapter)
+
+    def _render_pairs(self, prompts: Sequence[str], pairs: Sequence[tuple[int, int]], adapter: bool) -> torch.Tensor:
+        """Images for ``(seed, prompt index)`` pairs, in order (see :meth:`render`)."""
         gen = self.generator
         embeds = gen.encode_prompts(list(prompts))
-        noise = torch.cat(
-            [
-                gen.make_noise(1, torch.Generator().manual_seed(seed * 10**6 + i))
-                for seed in seeds
-                for i in range(len(prompts))
-            ]
-        )
-        ids = torch.arange(len(prompts)).repeat(len(seeds))
+        noise = torch.cat([gen.make_noise(1, torch.Generator().manual_seed(seed * 10**6 + i)) for seed, i in pairs])
+        ids = torch.tensor([i for _, i in pairs])
         chunk = self.args.decode_chunk_size or len(ids)
         images = []
         for begin in range(0, len(ids), chunk):
@@ -409,9 +450,16 @@ class DrPOTrainer(Trainer):
         return torch.cat(images)
 
     def _score(self, prompts: Sequence[str], adapter: bool) -> dict[str, float]:
-        seeds = list(self.args.eval_seeds)
-        images = self.render(prompts, seeds, adapter=adapter)
-        scores = self.reward_funcs(images, [p for _ in seeds for p in prompts])
+        # Each process renders and scores its own share of the (seed, prompt) pairs; the scores are gathered in
+        # order, so every process reports the same means as a single process would.
+        pairs = [(seed, i) for seed in self.args.eval_seeds for i in range(len(prompts))]
+        with self.accelerator.split_between_processes(pairs) as mine:
+            rows: list[list[float]] = []
+            if mine:
+                images = self._render_pairs(prompts, mine, adapter)
+                scores = self.reward_funcs(images, [prompts[i] for _, i in mine])
+                rows = scores.T.tolist()
+        scores = torch.tensor(gather_object(rows) if self.accelerator.num_processes > 1 else rows).T
         out = {"reward": self.reward_funcs.combine(scores).mean().item()}
         for name, values in zip(self.reward_funcs.names, scores):
             out[f"rewards/{name}/mean"] = values.mean().item()
