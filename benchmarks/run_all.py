@@ -16,12 +16,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import cost, scaling
 from .common import COMPONENTS, machine_info, markdown_table, tera
 
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent / "README.md"
+GPU_RESULTS = RESULTS_DIR / "gpu.json"
+"""The GPU parts measured on a GPU machine (`--only gpu`), used by runs on machines without CUDA."""
 README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
 
@@ -35,17 +39,25 @@ MEMORY_FLAT_TARGET = 0.10
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
-    """All measurements as one JSON-ready dict. `quick` uses tiny architectures and fewer sizes (for tests)."""
-    start = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine_info(), "quick": quick}
-
+def _stage(log: Any) -> Any:
     def stage(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         tick = time.perf_counter()
         value = fn(*args, **kwargs)
         log(f"[run_all] {name}: {time.perf_counter() - tick:.1f}s")
         return value
 
+    return stage
+
+
+def run(quick: bool = False, log: Any = print, gpu_results: Path | None = GPU_RESULTS) -> dict[str, Any]:
+    """All measurements as one JSON-ready dict. `quick` uses tiny architectures and fewer sizes (for tests).
+
+    Without CUDA here, the GPU parts come from `gpu_results` (written by ``--only gpu`` on a GPU machine) if that
+    file exists; they keep the GPU machine's description.
+    """
+    start = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine_info(), "quick": quick}
+    stage = _stage(log)
     grid = (("sd-turbo", ("drpo", "draft")),) if quick else cost.DEFAULT_FLOP_GRID
     results["flops"] = stage("FLOPs per update (meta)", cost.update_flops, grid=grid, tiny=quick)
     results["cpu_tiny"] = stage(
@@ -55,7 +67,6 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
         repeats=1 if quick else 3,
         rewards=("pickscore",) if quick else cost.REWARDS,
     )
-    results["gpu_real_size"] = stage("GPU real size", cost.gpu_real_size)
     field = stage(
         "field scaling",
         scaling.field_scaling,
@@ -69,10 +80,55 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
     ks = (8, 16) if quick else scaling.MEMORY_KS
     results["memory_cpu"] = stage("memory vs K (CPU, tiny)", scaling.memory_vs_k_cpu, ks=ks)
     results["memory_meta"] = stage("memory vs K (meta, real size)", scaling.memory_vs_k_meta, ks=ks, tiny=quick)
-    results["memory_gpu"] = stage("memory vs K (GPU)", scaling.memory_vs_k_gpu, ks=ks)
+    if torch.cuda.is_available() or gpu_results is None or not gpu_results.is_file():
+        results.update(run_gpu(log, ks=ks))
+    else:
+        results.update(load_gpu_results(gpu_results))
+        log(f"[run_all] GPU parts from {gpu_results}")
     results["targets"] = evaluate_targets(results)
     results["elapsed_seconds"] = round(time.perf_counter() - start, 1)
     return results
+
+
+def run_gpu(
+    log: Any = print,
+    ks: Sequence[int] = scaling.MEMORY_KS,
+    on_part: Any = None,
+    real_size_kwargs: Mapping[str, Any] | None = None,
+    memory_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The GPU parts only (real-size update time and memory, memory vs K); each says "skipped" without CUDA.
+
+    `on_part(results)` is called after each part, so that a run cut short still leaves what it measured. The
+    kwargs go to `cost.gpu_real_size` and `scaling.memory_vs_k_gpu` (`device="cpu", tiny=True` for tests).
+    """
+    stage = _stage(log)
+    results: dict[str, Any] = {}
+    results["gpu_real_size"] = stage("GPU real size", cost.gpu_real_size, **(real_size_kwargs or {}))
+    if on_part is not None:
+        on_part(results)
+    results["memory_gpu"] = stage("memory vs K (GPU)", scaling.memory_vs_k_gpu, ks=ks, **(memory_kwargs or {}))
+    if on_part is not None:
+        on_part(results)
+    return results
+
+
+def write_gpu(path: Path, **run_kwargs: Any) -> Path:
+    """Run the GPU parts and write them with this machine's description to `path`, after each part."""
+    machine = machine_info()
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(results: Mapping[str, Any]) -> None:
+        path.write_text(json.dumps({"machine": machine, **results}, indent=2) + "\n")
+
+    save(run_gpu(on_part=save, **run_kwargs))
+    return path
+
+
+def load_gpu_results(path: Path) -> dict[str, Any]:
+    """The GPU parts of a ``--only gpu`` run, each tagged with the machine that measured them."""
+    saved = json.loads(path.read_text())
+    return {key: {**saved[key], "machine": saved["machine"]} for key in ("gpu_real_size", "memory_gpu")}
 
 
 def _drpo_row(flops: Mapping[str, Any], pipeline: str, reward: str, method: str = "drpo") -> Mapping[str, Any] | None:
@@ -163,10 +219,7 @@ def _memory_checks(name: str, block: Mapping[str, Any], field: str, label: str) 
     lo, hi = ks[0], ks[-1]
 
     def value(k: int, chunked: bool) -> int | None:
-        for r in rows:
-            if r["k"] == k and (r["chunk"] is not None) == chunked:
-                return r[field]
-        return None
+        return _pick(rows, k, chunked, field)
 
     out = []
     chunked_lo, chunked_hi = value(lo, True), value(hi, True)
@@ -311,7 +364,7 @@ def _gpu_section(gpu: Mapping[str, Any]) -> list[str]:
     return [
         *lines,
         f"Device: {gpu['setting']['device']}; per-GPU update = {gpu['setting']['micro_steps_per_gpu_update']} "
-        "micro-steps.",
+        f"micro-steps.{_machine_note(gpu)}",
         "",
         markdown_table(["pipeline", "reward", "method", "chunk", "seconds by component", "total s", "peak GiB"], rows),
         "",
@@ -357,24 +410,18 @@ def _memory_section(results: Mapping[str, Any]) -> list[str]:
     meta = results["memory_meta"]
     gpu = results["memory_gpu"]
 
-    def pick(rows: Sequence[Mapping[str, Any]], k: int, chunked: bool, field: str) -> Any:
-        for r in rows:
-            if r["k"] == k and (r["chunk"] is not None) == chunked:
-                return r.get(field)
-        return None
-
     ks = sorted({r["k"] for r in cpu["rows"]})
     cpu_rows = [
         [
             k,
-            _mb(pick(cpu["rows"], k, True, "gradient_pass_peak_bytes")),
-            _mb(pick(cpu["rows"], k, False, "gradient_pass_peak_bytes")),
-            _mb(pick(cpu["rows"], k, True, "step_peak_bytes")),
-            _mb(pick(cpu["rows"], k, False, "step_peak_bytes")),
-            _mb(pick(cpu["rows"], k, True, "saved_activation_bytes")),
-            _mb(pick(cpu["rows"], k, False, "saved_activation_bytes")),
-            _gb(pick(meta["rows"], k, True, "saved_activation_bytes")),
-            _gb(pick(meta["rows"], k, False, "saved_activation_bytes")),
+            _mb(_pick(cpu["rows"], k, True, "gradient_pass_peak_bytes")),
+            _mb(_pick(cpu["rows"], k, False, "gradient_pass_peak_bytes")),
+            _mb(_pick(cpu["rows"], k, True, "step_peak_bytes")),
+            _mb(_pick(cpu["rows"], k, False, "step_peak_bytes")),
+            _mb(_pick(cpu["rows"], k, True, "saved_activation_bytes")),
+            _mb(_pick(cpu["rows"], k, False, "saved_activation_bytes")),
+            _gb(_pick(meta["rows"], k, True, "saved_activation_bytes")),
+            _gb(_pick(meta["rows"], k, False, "saved_activation_bytes")),
         ]
         for k in ks
     ]
@@ -401,24 +448,45 @@ def _memory_section(results: Mapping[str, Any]) -> list[str]:
         ),
         "",
     ]
+    return lines + _gpu_memory_section(gpu)
+
+
+def _pick(rows: Sequence[Mapping[str, Any]], k: int, chunked: bool, field: str) -> Any:
+    """`field` of the row at `k` that is chunked (or the one-graph row)."""
+    for r in rows:
+        if r["k"] == k and (r["chunk"] is not None) == chunked:
+            return r.get(field)
+    return None
+
+
+def _machine_note(part: Mapping[str, Any]) -> str:
+    """Where GPU numbers measured on another machine came from."""
+    machine = part.get("machine")
+    if not machine:
+        return ""
+    return (
+        f" Measured on {machine['gpu']} ({machine['cpu']}; torch {machine['torch']}, diffusers "
+        f"{machine['diffusers']}, transformers {machine['transformers']}) on {machine['date']}."
+    )
+
+
+def _gpu_memory_section(gpu: Mapping[str, Any]) -> list[str]:
     if "skipped" in gpu:
-        lines += [f"GPU: skipped ({gpu['skipped']}).", ""]
-    else:
-        gpu_rows = [
-            [
-                k,
-                _gb(pick(gpu["rows"], k, True, "gradient_pass_peak_bytes")),
-                _gb(pick(gpu["rows"], k, False, "gradient_pass_peak_bytes")),
-            ]
-            for k in sorted({r["k"] for r in gpu["rows"]})
+        return [f"GPU: skipped ({gpu['skipped']}).", ""]
+    gpu_rows = [
+        [
+            k,
+            _gb(_pick(gpu["rows"], k, True, "gradient_pass_peak_bytes")),
+            _gb(_pick(gpu["rows"], k, False, "gradient_pass_peak_bytes")),
         ]
-        lines += [
-            f"GPU ({gpu['setting']['device']}): {gpu['setting']['method']}.",
-            "",
-            markdown_table(["K", "chunked GiB", "one-graph GiB"], gpu_rows),
-            "",
-        ]
-    return lines
+        for k in sorted({r["k"] for r in gpu["rows"]})
+    ]
+    return [
+        f"GPU ({gpu['setting']['device']}): {gpu['setting']['method']}.{_machine_note(gpu)}",
+        "",
+        markdown_table(["K", "chunked GiB", "one-graph GiB"], gpu_rows),
+        "",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,7 +515,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny architectures and sizes (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder (default benchmarks/results)")
     parser.add_argument("--update-readme", action="store_true", help="paste the summary into benchmarks/README.md")
+    parser.add_argument(
+        "--only",
+        choices=("gpu",),
+        help="only the GPU parts, written to OUT/gpu.json; copy it to benchmarks/results/ to use it in the tables",
+    )
     args = parser.parse_args(argv)
+    if args.only == "gpu":
+        path = write_gpu(args.out / GPU_RESULTS.name)
+        gpu = json.loads(path.read_text())
+        print("\n".join(_gpu_section(gpu["gpu_real_size"]) + _gpu_memory_section(gpu["memory_gpu"])))
+        print(f"[run_all] wrote {path}")
+        return
     results = run(quick=args.quick)
     path = write(results, args.out, update_readme=args.update_readme and not args.quick)
     print(path.read_text())

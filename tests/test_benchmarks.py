@@ -252,10 +252,23 @@ def test_memory_vs_k_chunked_activations_stay_flat():
 
 
 @pytest.mark.slow
-def test_run_all_quick_writes_json_and_markdown(tmp_path):
-    results = run_all.run(quick=True, log=lambda *_: None)
+def test_run_all_quick_writes_json_and_markdown_with_the_gpu_parts_of_a_gpu_run(tmp_path):
+    # A `--only gpu` run (here on the CPU with the tiny models) leaves gpu.json; a later run without CUDA uses it.
+    gpu_json = run_all.write_gpu(
+        tmp_path / "gpu" / "gpu.json",
+        log=lambda *_: None,
+        ks=(4, 8),
+        real_size_kwargs={"rewards": ("hpsv3",), "k": 4, "device": "cpu", "dtype": torch.float32, "tiny": True},
+        memory_kwargs={"chunk": 2, "device": "cpu", "dtype": torch.float32, "tiny": True},
+    )
+    assert {"machine", "gpu_real_size", "memory_gpu"} <= set(json.loads(gpu_json.read_text()))
+    results = run_all.run(quick=True, log=lambda *_: None, gpu_results=gpu_json)
     path = run_all.write(results, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["quick"] is True
     summary = path.read_text()
     assert "### Targets" in summary and "| pipeline | reward | method |" in summary
     assert all(check["met"] in (True, False, None) for check in results["targets"])
+    if not torch.cuda.is_available():
+        gpu_part = summary.split("### Real size on GPU", 1)[1]
+        assert "Measured on" in gpu_part and "| sd-turbo | hpsv3 | drpo-chunk8 |" in gpu_part
+        assert any("GPU, real size" in check["case"] for check in results["targets"])
