@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from trl_drpo.drift import DriftHyperparams, DrPOTargets, drpo_targets_from_anchors
-from trl_drpo.drpo_trainer import map_rows
+from trl_drpo.drift import DriftHyperparams, DrPOTargets, drpo_targets_from_anchors, regression_loss
 from trl_drpo.features import FeatureMap
-from trl_drpo.generators import OneStepGenerator, PromptEmbeds
+from trl_drpo.generators import OneStepGenerator, PromptEmbeds, map_rows
 from trl_drpo.ranking import top_bottom_k
 
 from .common import Meter, NullMeter, SavedTensorBytes, real_or_random
@@ -67,14 +66,6 @@ class DrPORollout:
     targets: list[DrPOTargets]
     num_prompts: int
     graph_features: dict[str, Tensor] | None = None
-
-
-def _features(
-    feature_map: FeatureMap, latents: Tensor, embeds: PromptEmbeds, num_prompts: int, rows: int | None = None
-) -> dict[str, Tensor]:
-    # As the trainer: (prompts, candidates, tokens, dim) per key, in float32, `rows` latents at a time.
-    feats = map_rows(lambda r: feature_map(latents[r], embeds.select(r)), len(latents), rows or len(latents))
-    return {key: value.float().reshape(num_prompts, -1, *value.shape[1:]) for key, value in feats.items()}
 
 
 def targets_to_device(targets: DrPOTargets, device: torch.device) -> DrPOTargets:
@@ -125,12 +116,12 @@ def drpo_rollout(
             scores = torch.nan_to_num(real_or_random(scores, stand_in).float().cpu())  # random weights may overflow
             selections = top_bottom_k(scores.view(num_prompts, k), config.num_positives, config.num_negatives)
         with meter("features/rollout"), torch.set_grad_enabled(one_graph):
-            graph_features = _features(feature_map, latents, embeds, num_prompts, rows)
+            graph_features = feature_map.per_prompt(latents, embeds, num_prompts, rows)
     with torch.no_grad():
         ref_features = None
         if reference is not None:
             with meter("features/reference"):
-                ref_features = _features(feature_map, reference, embeds, num_prompts, rows)
+                ref_features = feature_map.per_prompt(reference, embeds, num_prompts, rows)
 
         device = latents.device
         features = {key: real_or_random(value.detach(), stand_in) for key, value in graph_features.items()}
@@ -169,7 +160,7 @@ def drpo_gradient_pass(
     rows = list(range(rollout.num_prompts))
     weight = 1.0 / (len(rows) * config.accumulation_steps)
     if rollout.graph_features is not None:
-        loss = weight * _regression_loss(rollout.graph_features, rollout.targets, rows, 0)
+        loss = weight * regression_loss(rollout.targets, rollout.graph_features, rows)
         with meter("backward"):
             loss.backward()
         return loss.detach().cpu() if loss.device.type != "meta" else torch.zeros(())
@@ -183,22 +174,13 @@ def drpo_gradient_pass(
             with meter("generation/regenerate"):
                 latents = generator.one_step(generator.denoiser, embeds, rollout.noise[ids.to(rollout.noise.device)])
             with meter("features/regenerate"):
-                feats = _features(feature_map, latents, embeds, len(rows))
-            loss = weight * _regression_loss(feats, rollout.targets, rows, begin)
+                feats = feature_map.per_prompt(latents, embeds, len(rows))
+            loss = weight * regression_loss(rollout.targets, feats, rows, begin)
         with meter("backward"):
             loss.backward()
         if loss.device.type != "meta":
             total = total + loss.detach().cpu()
     return total
-
-
-def _regression_loss(feats: dict[str, Tensor], targets: list[DrPOTargets], rows: list[int], begin: int) -> Tensor:
-    # Row n of `feats` holds prompt rows[n]'s candidates begin, begin + 1, ...
-    losses = [
-        targets[b].loss({key: value[n : n + 1] for key, value in feats.items()}, begin).sum()
-        for n, b in enumerate(rows)
-    ]
-    return torch.stack(losses).sum()
 
 
 def drpo_step(

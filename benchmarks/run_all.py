@@ -217,12 +217,8 @@ def _memory_checks(name: str, block: Mapping[str, Any], field: str, label: str) 
     if len(ks) < 2:
         return []
     lo, hi = ks[0], ks[-1]
-
-    def value(k: int, chunked: bool) -> int | None:
-        return _pick(rows, k, chunked, field)
-
     out = []
-    chunked_lo, chunked_hi = value(lo, True), value(hi, True)
+    chunked_lo, chunked_hi = _pick(rows, lo, True, field), _pick(rows, hi, True, field)
     if chunked_lo and chunked_hi:
         growth = chunked_hi / chunked_lo - 1
         out.append(
@@ -233,7 +229,7 @@ def _memory_checks(name: str, block: Mapping[str, Any], field: str, label: str) 
                 "met": abs(growth) <= MEMORY_FLAT_TARGET,
             }
         )
-    graph_lo, graph_hi = value(lo, False), value(hi, False)
+    graph_lo, graph_hi = _pick(rows, lo, False, field), _pick(rows, hi, False, field)
     if graph_lo and graph_hi:
         growth = graph_hi / graph_lo - 1
         out.append(

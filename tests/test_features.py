@@ -138,6 +138,19 @@ def test_denoiser_features_of_a_latent_do_not_depend_on_its_batch_position(sd_ge
         torch.testing.assert_close(batch[key][2:], alone[key], atol=1e-5, rtol=0)
 
 
+def test_per_prompt_features_are_grouped_by_prompt_and_do_not_depend_on_the_chunk(sd_gen):
+    fmap = build_feature_map("denoiser", sd_gen)
+    latents = _latents(sd_gen, n=4).detach()
+    embeds = sd_gen.encode_prompts(["a cat", "a dog"]).repeat_interleave(2)
+    whole = fmap.per_prompt(latents, embeds, num_prompts=2)
+    chunked = fmap.per_prompt(latents, embeds, num_prompts=2, rows=1)
+    flat = fmap(latents, embeds)
+    for key in fmap.keys:
+        assert whole[key].shape == (2, 2, *flat[key].shape[1:])
+        torch.testing.assert_close(whole[key].flatten(0, 1), flat[key].float())
+        torch.testing.assert_close(chunked[key], whole[key], atol=1e-5, rtol=0)
+
+
 def test_denoiser_features_need_the_prompt_embeddings(sd_gen):
     with pytest.raises(ValueError, match="needs the prompt embeddings"):
         build_feature_map("denoiser", sd_gen)(_latents(sd_gen))

@@ -448,6 +448,21 @@ def drpo_targets_from_anchors(
     return targets
 
 
+def regression_loss(
+    targets: Sequence[DrPOTargets], features: Mapping[str, torch.Tensor], prompts: Sequence[int], begin: int = 0
+) -> torch.Tensor:
+    """Summed `DrPOTargets.loss` of a chunk of candidates of several prompts.
+
+    Row ``n`` of every ``(len(prompts), chunk, T, D)`` tensor of `features` holds candidates ``begin, begin + 1, ...``
+    of prompt ``prompts[n]``, whose targets are ``targets[prompts[n]]``.
+    """
+    losses = [
+        targets[b].loss({key: value[n : n + 1] for key, value in features.items()}, begin).sum()
+        for n, b in enumerate(prompts)
+    ]
+    return torch.stack(losses).sum()
+
+
 def drpo_loss(
     generated: Mapping[str, torch.Tensor],
     positives: Mapping[str, torch.Tensor],

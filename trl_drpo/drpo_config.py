@@ -295,6 +295,11 @@ class DrPOConfig(TrainingArguments):
             self.feature_map_kwargs = json.loads(self.feature_map_kwargs)
 
     @property
+    def one_graph(self) -> bool:
+        """Whether a step keeps one graph over all K candidates (no `candidate_chunk_size` below K)."""
+        return (self.candidate_chunk_size or self.num_generations) >= self.num_generations
+
+    @property
     def drift_hyperparams(self) -> DriftHyperparams:
         """The numbers of the DrPO objective as the pure-math module takes them."""
         return DriftHyperparams(

@@ -18,10 +18,10 @@ from datasets import Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from .drift import DrPOTargets, drpo_targets_from_anchors
+from .drift import DrPOTargets, drpo_targets_from_anchors, regression_loss
 from .drpo_config import DrPOConfig
 from .features import build_feature_map
-from .generators import OneStepGenerator
+from .generators import OneStepGenerator, map_rows
 from .hub import load_adapter, render_model_card, save_adapter
 from .prompts import PromptCollator, load_prompt_dataset
 from .ranking import reward_ensemble, select_anchors
@@ -34,15 +34,6 @@ _DEEPSPEED_CHUNK_ERROR = (
     "DeepSpeed steps its engine on every backward call, so the chunked gradient pass cannot run under it: set "
     "candidate_chunk_size=None (one graph over all candidates) with DeepSpeed."
 )
-
-
-def map_rows(fn: Callable[[slice], Any], total: int, size: int) -> Any:
-    """``fn`` over consecutive row slices of at most ``size`` rows, outputs concatenated along rows (tensors, or
-    dicts of tensors)."""
-    parts = [fn(slice(begin, min(begin + size, total))) for begin in range(0, total, size)]
-    if isinstance(parts[0], dict):
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-    return torch.cat(parts)
 
 
 class _ConfigView(dict):
@@ -140,8 +131,7 @@ class DrPOTrainer(Trainer):
             eval_dataset = list(args.eval_prompts)
         if eval_dataset is not None:
             eval_dataset = load_prompt_dataset(eval_dataset, prompt_column=args.prompt_column, split="test")
-        chunked = (args.candidate_chunk_size or args.num_generations) < args.num_generations
-        if chunked and args.deepspeed:
+        if not args.one_graph and args.deepspeed:
             raise ValueError(_DEEPSPEED_CHUNK_ERROR)
 
         denoiser = self.generator.denoiser
@@ -177,7 +167,9 @@ class DrPOTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        if chunked and self.is_deepspeed_enabled:  # DeepSpeed may come from the accelerate config, not from args
+        if (
+            not args.one_graph and self.is_deepspeed_enabled
+        ):  # DeepSpeed may come from the accelerate config, not from args
             raise ValueError(_DEEPSPEED_CHUNK_ERROR)
         handler = self.callback_handler
         self.callback_handler = _DrPOCallbackHandler(
@@ -227,7 +219,7 @@ class DrPOTrainer(Trainer):
         # memory-hungry mode) the candidates are generated with gradient once and that graph is reused by phase (b),
         # which saves a denoiser and a feature forward per candidate.
         gen = self.generator
-        one_graph = (args.candidate_chunk_size or k) >= k
+        one_graph = args.one_graph
         rows = (args.candidate_chunk_size or k) * num_prompts
         with torch.no_grad():
             embeds = gen.encode_prompts(prompts).repeat_interleave(k)
@@ -263,9 +255,11 @@ class DrPOTrainer(Trainer):
         tick = time.perf_counter()
         with self.compute_loss_context_manager():
             with torch.set_grad_enabled(one_graph):
-                graph_features = self._features(latents, embeds, num_prompts, rows)
+                graph_features = self.feature_map.per_prompt(latents, embeds, num_prompts, rows)
             with torch.no_grad():
-                ref_features = self._features(reference, embeds, num_prompts, rows) if reference is not None else None
+                ref_features = None
+                if reference is not None:
+                    ref_features = self.feature_map.per_prompt(reference, embeds, num_prompts, rows)
         features = {key: value.detach() for key, value in graph_features.items()}
         targets = drpo_targets_from_anchors(features, ref_features, selections, self.drift_params)
         timings["field"] = time.perf_counter() - tick
@@ -287,31 +281,11 @@ class DrPOTrainer(Trainer):
             self._log_images(images[:k], scores[:, :k], prompts[0])
         return loss
 
-    def _features(
-        self, latents: torch.Tensor, embeds: Any, num_prompts: int, rows: int | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Feature map output per key, reshaped to ``(prompts, candidates, tokens, dim)``, computed ``rows`` latents
-        at a time (all at once by default)."""
-        feats = map_rows(lambda r: self.feature_map(latents[r], embeds.select(r)), len(latents), rows or len(latents))
-        return {key: value.float().reshape(num_prompts, -1, *value.shape[1:]) for key, value in feats.items()}
-
     def _loss_weight(self, targets: list[DrPOTargets | None]) -> tuple[list[int], float]:
         """The prompts with targets, and the weight of each one's loss in the optimizer update's mean."""
         active = [b for b, target in enumerate(targets) if target is not None]
         accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         return active, (1.0 / (len(active) * accumulation) if active else 0.0)
-
-    @staticmethod
-    def _regression_loss(
-        feats: dict[str, torch.Tensor], prompts: list[int], begin: int, targets: list[DrPOTargets | None]
-    ) -> torch.Tensor:
-        """Sum of the drift regressions of candidates ``begin, begin + 1, ...`` of `prompts` (row ``n`` of `feats`
-        holds prompt ``prompts[n]``)."""
-        losses = [
-            targets[b].loss({key: value[n : n + 1] for key, value in feats.items()}, begin).sum()
-            for n, b in enumerate(prompts)
-        ]
-        return torch.stack(losses).sum()
 
     def _one_graph_pass(
         self, latents: torch.Tensor, feats: dict[str, torch.Tensor], targets: list[DrPOTargets | None]
@@ -319,9 +293,7 @@ class DrPOTrainer(Trainer):
         active, weight = self._loss_weight(targets)
         if active:
             index = torch.tensor(active, device=latents.device)
-            loss = weight * self._regression_loss(
-                {key: value[index] for key, value in feats.items()}, active, 0, targets
-            )
+            loss = weight * regression_loss(targets, {key: value[index] for key, value in feats.items()}, active)
         else:
             # No usable preference: a zero-weight backward still lets every rank take part in the all-reduce.
             loss = 0.0 * latents.float().sum()
@@ -351,9 +323,9 @@ class DrPOTrainer(Trainer):
             with sync:
                 with self.compute_loss_context_manager():
                     latents = self.generator.one_step(model, embeds.select(ids), noise[ids.to(noise.device)])
-                    feats = self._features(latents, embeds.select(ids), len(rows))
+                    feats = self.feature_map.per_prompt(latents, embeds.select(ids), len(rows))
                 if active:
-                    loss = weight * self._regression_loss(feats, rows, begin, targets)
+                    loss = weight * regression_loss(targets, feats, rows, begin)
                 else:
                     loss = 0.0 * latents.float().sum()
                 self.accelerator.backward(loss)
@@ -459,7 +431,7 @@ class DrPOTrainer(Trainer):
                 images = self._render_pairs(prompts, mine, adapter)
                 scores = self.reward_funcs(images, [prompts[i] for _, i in mine])
                 rows = scores.T.tolist()
-        scores = torch.tensor(gather_object(rows) if self.accelerator.num_processes > 1 else rows).T
+        scores = torch.tensor(gather_object(rows)).T
         out = {"reward": self.reward_funcs.combine(scores).mean().item()}
         for name, values in zip(self.reward_funcs.names, scores):
             out[f"rewards/{name}/mean"] = values.mean().item()

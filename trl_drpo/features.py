@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .generators import OneStepGenerator, PromptEmbeds
+from .generators import OneStepGenerator, PromptEmbeds, map_rows
 
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,15 @@ class FeatureMap(nn.Module):
         if self.requires_embeds and embeds is None:
             raise ValueError(f"{type(self).__name__} needs the prompt embeddings: call fmap(latents, embeds).")
         return self.compute(latents, embeds)
+
+    def per_prompt(
+        self, latents: Tensor, embeds: PromptEmbeds | None, num_prompts: int, rows: int | None = None
+    ) -> dict[str, Tensor]:
+        """The features of prompt-major latents as ``{key: (prompts, candidates, tokens, dim)}`` in float32,
+        computed `rows` latents at a time (all at once by default)."""
+        select = (lambda r: embeds.select(r)) if embeds is not None else (lambda r: None)
+        feats = map_rows(lambda r: self(latents[r], select(r)), len(latents), rows or len(latents))
+        return {key: value.float().reshape(num_prompts, -1, *value.shape[1:]) for key, value in feats.items()}
 
     @classmethod
     def from_generator(cls, generator: OneStepGenerator, keys: Sequence[str] | None = None, **kwargs: Any):

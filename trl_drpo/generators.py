@@ -51,6 +51,7 @@ __all__ = [
     "PromptEmbeds",
     "StableDiffusionGenerator",
     "StableDiffusionXLGenerator",
+    "map_rows",
     "register_generator",
     "unwrap_module",
 ]
@@ -117,6 +118,15 @@ class PromptEmbeds:
             else:
                 out[f.name] = torch.cat(values, dim=0)
         return cls(**out)
+
+
+def map_rows(fn: Callable[[slice], Any], total: int, size: int) -> Any:
+    """``fn`` over consecutive row slices of at most ``size`` rows, outputs concatenated along rows (tensors, or
+    dicts of tensors)."""
+    parts = [fn(slice(begin, min(begin + size, total))) for begin in range(0, total, size)]
+    if isinstance(parts[0], dict):
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return torch.cat(parts)
 
 
 def _apply(fn: Callable[[Tensor], Tensor], value: Tensor | None) -> Tensor | None:
