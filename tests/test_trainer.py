@@ -148,13 +148,50 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
+JPEG_TRAIN_PROMPTS = [
+    "a red apple on a table",
+    "a lighthouse at dusk",
+    "a cat sleeping on a sofa",
+    "a bowl of ramen",
+    "a snowy mountain village",
+    "an astronaut riding a horse",
+    "a field of sunflowers",
+    "a steam train crossing a bridge",
+]
+HELD_OUT_PROMPTS = ["a sailing boat at sea", "a cup of coffee", "a forest in autumn", "a city street at night"]
+HELD_OUT_SEEDS = [101, 102, 103, 104]
+
+
+def jpeg_config(output_dir: str, max_steps: int, **overrides):
+    """DrPO at toy scale on a random tiny pipeline against JPEG compressibility: K=16, 4/4 anchors, 64 px.
+
+    The reference weight is 0.05 instead of the paper's 0.2: a randomly initialised generator's JPEG sizes vary
+    little between candidates, and at 0.2 the reference term holds it back for many more steps.
+    """
+    values = dict(
+        max_steps=max_steps,
+        num_generations=16,
+        num_positives=4,
+        num_negatives=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        resolution=64,
+        reference_loss_weight=0.05,
+        lora_rank=8,
+        lora_alpha=8,
+        candidate_chunk_size=8,
+        eval_prompts=HELD_OUT_PROMPTS,
+        eval_seeds=HELD_OUT_SEEDS,
+    )
+    values.update(overrides)
+    return tiny_drpo_config(output_dir, **values)
+
+
 @pytest.mark.slow
 def test_drpo_raises_jpeg_compressibility_on_held_out_prompts_and_seeds(tmp_path):
-    from trl_drpo.demo import HELD_OUT_PROMPTS, HELD_OUT_SEEDS, TRAIN_PROMPTS, demo_config
-
     torch.manual_seed(0)
-    config = demo_config(str(tmp_path / "out"), max_steps=30, disable_tqdm=True, logging_steps=10)
-    trainer = DrPOTrainer(tiny_sd_pipeline(), JpegCompressibility(), config, train_dataset=TRAIN_PROMPTS)
+    config = jpeg_config(str(tmp_path / "out"), max_steps=30, logging_steps=10)
+    trainer = DrPOTrainer(tiny_sd_pipeline(), JpegCompressibility(), config, train_dataset=JPEG_TRAIN_PROMPTS)
     trainer.train()
     metrics = trainer.evaluate(HELD_OUT_PROMPTS)
     assert config.eval_seeds == HELD_OUT_SEEDS
@@ -165,11 +202,9 @@ def test_drpo_raises_jpeg_compressibility_on_held_out_prompts_and_seeds(tmp_path
 
 @pytest.mark.slow
 def test_drpo_raises_jpeg_compressibility_on_the_tiny_sdxl_pipeline(tmp_path):
-    from trl_drpo.demo import HELD_OUT_PROMPTS, TRAIN_PROMPTS, demo_config
-
     torch.manual_seed(0)
-    config = demo_config(str(tmp_path / "out"), max_steps=15, disable_tqdm=True, logging_steps=5)
-    trainer = DrPOTrainer(tiny_sdxl_pipeline(), JpegCompressibility(), config, train_dataset=TRAIN_PROMPTS)
+    config = jpeg_config(str(tmp_path / "out"), max_steps=15, logging_steps=5)
+    trainer = DrPOTrainer(tiny_sdxl_pipeline(), JpegCompressibility(), config, train_dataset=JPEG_TRAIN_PROMPTS)
     trainer.train()
     metrics = trainer.evaluate(HELD_OUT_PROMPTS)
     # About 3.85 kB for the base; this run gains about 0.15 kB, and the margin asks for a third of that.

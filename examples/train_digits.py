@@ -1,0 +1,59 @@
+# Copyright 2026 The trl_drpo contributors. Licensed under the Apache License, Version 2.0.
+"""Align the digit world's one-step base to its black-box verifier with DrPO, on a CPU, and measure it.
+
+    python examples/train_digits.py --config examples/configs/digits.yaml
+
+The base is `trl_drpo.worlds.digits.load_pipeline()`: a `StableDiffusionPipeline` pretrained in this project on
+scenes of real handwritten digits and served like SD-Turbo, `pipe(prompt, num_inference_steps=1,
+guidance_scale=0.0)`. The reward is the verifier's dense score (the fraction of the caption's checks that hold: count,
+digits, colours, positions), used only to rank each prompt's candidates. Before training, during it (every
+``--eval_every`` updates) and after it, the pipeline is measured on held-out captions x held-out seeds by the verifier
+and by an independent judge; best-of-K sampling of the base is the inference-time reference line.
+
+Written to ``--output_dir``: the adapter in diffusers' LoRA format (``pipe.load_lora_weights(output_dir)``), the
+model card, ``digits_report.json`` (every table, the accuracy-vs-wall-clock history, the settings) and
+``digits_report.md`` (the GenEval-style table). Every `DrPOConfig` field is a flag; ``--config`` takes a YAML file
+of them, over the "digits" preset.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from trl import TrlParser
+
+from trl_drpo import DrPOConfig
+from trl_drpo.drpo_config import PRESETS
+from trl_drpo.worlds.digits.alignment import align
+
+
+@dataclass
+class DigitsScriptArguments:
+    """Evaluation settings of the digit-world run."""
+
+    eval_per_category: int = field(default=60, metadata={"help": "Held-out (caption, seed) pairs per category."})
+    eval_every: int = field(default=25, metadata={"help": "Optimizer updates between evaluations during training."})
+    best_of_k: bool = field(default=True, metadata={"help": "Also evaluate best-of-K sampling of the base."})
+
+
+if __name__ == "__main__":
+    parser = TrlParser((DigitsScriptArguments, DrPOConfig))
+    parser.set_defaults(**PRESETS["digits"], output_dir="drpo-digits")
+    script_args, config = parser.parse_args_and_config()
+
+    trainer, report = align(
+        config,
+        eval_per_category=script_args.eval_per_category,
+        eval_every=script_args.eval_every,
+        best_of=script_args.best_of_k,
+    )
+    trainer.save_model(config.output_dir)
+    trainer.create_model_card()
+
+    report["settings"] = {k: v for k, v in config.to_dict().items() if k in PRESETS["digits"] or k == "max_steps"}
+    with open(os.path.join(config.output_dir, "digits_report.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=1)
+    with open(os.path.join(config.output_dir, "digits_report.md"), "w", encoding="utf-8") as handle:
+        handle.write(report["table"] + "\n")
+    print(report["table"])
+    print(f"\n{report['steps']} updates in {report['train_seconds']:.0f} s of training. Report in {config.output_dir}")

@@ -1,0 +1,177 @@
+"""The digit world: its grammar and splits, ground-truth scenes, the verifier and judge, and the shipped base."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trl_drpo.worlds import digits
+from trl_drpo.worlds.digits.evaluation import eval_cases
+from trl_drpo.worlds.digits.grammar import CATEGORIES, COUNT_WORDS, RELATIONS, balanced_prompts
+from trl_drpo.worlds.digits.scenes import glyphs
+
+
+# ---------------------------------------------------------------------------------------------------- grammar
+
+
+def test_prompts_are_deterministic_and_every_category_has_both_splits():
+    assert digits.prompts("train") == digits.prompts("train")
+    for split in ("train", "test"):
+        assert {item["category"] for item in digits.prompts(split)} == set(CATEGORIES)
+
+
+def test_train_and_test_captions_are_disjoint():
+    train = {item["prompt"] for item in digits.prompts("train")}
+    test = {item["prompt"] for item in digits.prompts("test")}
+    assert train and test and not train & test
+
+
+def test_every_digit_colour_count_and_relation_is_seen_in_training():
+    words = {word for item in digits.prompts("train") for word in item["prompt"].split()}
+    assert {str(d) for d in range(10)} <= words | {w.rstrip("s") for w in words}
+    assert set(digits.COLORS) | set(COUNT_WORDS.values()) | {"left", "right", "above", "below"} <= words
+    relations = {item["relation"] for item in digits.prompts("train")} - {None}
+    assert relations == set(RELATIONS)
+
+
+def test_held_out_combinations_never_appear_in_training():
+    train = {item["prompt"] for item in digits.prompts("train")}
+    assert "a red 0" not in train and "a red 0" in {i["prompt"] for i in digits.prompts("test")}
+    assert not any(p.startswith("a 1 ") and p.endswith(" a 4") for p in train)  # 1 and 4 never named together
+
+
+def test_parse_recovers_every_items_structure():
+    for item in digits.prompts("train")[::7] + digits.prompts("test")[::7]:
+        parsed = digits.parse(item["prompt"])
+        assert (parsed["category"], parsed["objects"], parsed["relation"]) == (
+            item["category"],
+            item["objects"],
+            item["relation"],
+        )
+
+
+def test_an_unparsable_caption_raises_naming_it_and_the_grammar():
+    with pytest.raises(ValueError, match=r"'a purple 7'.*not in the digit world's grammar.*a 0"):
+        digits.parse("a purple 7")
+
+
+def test_balanced_prompts_give_each_category_the_same_weight():
+    items = balanced_prompts("test", 20)
+    assert [sum(i["category"] == c for i in items) for c in CATEGORIES] == [20] * 6
+
+
+def test_eval_cases_are_distinct_held_out_pairs():
+    cases = eval_cases(60)
+    assert len(cases) == 360 and all(item["split"] == "test" for item, _ in cases)
+    assert len({(item["prompt"], seed) for item, seed in cases}) == 360
+
+
+# ---------------------------------------------------------------------------------------------------- scenes
+
+
+def test_glyph_halves_are_disjoint_real_digits():
+    train, test = glyphs("train"), glyphs("test")
+    assert len(train[1]) > 850 and len(test[1]) > 850
+    assert set(train[1].tolist()) == set(test[1].tolist()) == set(range(10))
+    flat_train = {image.tobytes() for image in train[0]}
+    assert not any(image.tobytes() in flat_train for image in test[0])
+
+
+def test_render_is_deterministic_in_caption_and_seed_and_varies_with_the_seed():
+    item = digits.prompts("test", "two_object")[0]
+    same = [np.asarray(digits.render(item, seed=3)) for _ in range(2)]
+    assert np.array_equal(*same)
+    assert not np.array_equal(same[0], np.asarray(digits.render(item, seed=4)))
+    assert digits.render(item, 0).size == (32, 32) and digits.render(item, 0).mode == "RGB"
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_verifier_accepts_ground_truth_scenes_from_held_out_glyphs(category):
+    items = digits.prompts("test", category)
+    items = [items[i % len(items)] for i in range(200)]
+    images = [digits.render(item, seed) for seed, item in enumerate(items)]
+    results = digits.verify(images, [item["prompt"] for item in items])
+    assert np.mean([r["passed"] for r in results]) >= 0.95
+    judged = digits.verify(images, [item["prompt"] for item in items], judge=True)
+    assert np.mean([r["passed"] for r in judged]) >= 0.95
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_verifier_rejects_scenes_under_a_mismatched_caption(category):
+    items = digits.prompts("test", category)
+    items = [items[i % len(items)] for i in range(100)]
+    images = [digits.render(item, seed) for seed, item in enumerate(items)]
+    wrong = [items[(i + 1) % len(items)]["prompt"] for i in range(len(items))]
+    results = digits.verify(images, wrong)
+    assert np.mean([r["passed"] for r in results]) <= 0.02
+    assert np.mean([r["score"] for r in results]) < 1.0
+
+
+def test_verify_reports_pass_score_and_per_check_rates():
+    item = digits.prompts("test", "position")[0]
+    (result,) = digits.verify([digits.render(item, 0)], [item["prompt"]])
+    assert result == {
+        "passed": True,
+        "score": 1.0,
+        "checks": {"count": 1.0, "digit": 1.0, "position": 1.0},
+        "category": "position",
+    }
+    (swapped,) = digits.verify([digits.render(item, 0)], [item["prompt"].replace("left", "right")])
+    assert not swapped["passed"] and swapped["checks"]["position"] == 0.0 and swapped["checks"]["digit"] == 1.0
+
+
+def test_an_empty_canvas_fails_the_count_check():
+    (result,) = digits.verify([Image.new("RGB", (32, 32))], ["a red 3"])
+    assert result["checks"] == {"count": 0.0, "digit": 0.0, "color": 0.0} and result["score"] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK"])
+@pytest.mark.parametrize("size", [(32, 32), (64, 64), (97, 41)])
+def test_verify_accepts_any_image_size_and_mode(mode, size):
+    scene = digits.render("a 7", seed=1)
+    image = scene.resize(size, Image.NEAREST).convert(mode)
+    (result,) = digits.verify([image], ["a 7"])
+    assert set(result) == {"passed", "score", "checks", "category"} and 0.0 <= result["score"] <= 1.0
+    if mode in ("RGB", "RGBA", "P") and size != (97, 41):
+        assert result["passed"]
+
+
+def test_verify_accepts_tensors_and_arrays_like_the_pil_images():
+    scene = digits.render("a blue 4 and a red 9", seed=2)
+    array = np.array(scene)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+    expected = digits.verify([scene], ["a blue 4 and a red 9"])
+    assert digits.verify([array], ["a blue 4 and a red 9"]) == expected
+    assert digits.verify(tensor[None], ["a blue 4 and a red 9"]) == expected
+
+
+def test_verify_checks_captions_before_any_work_and_counts():
+    with pytest.raises(ValueError, match="'a red seven'"):
+        digits.verify([Image.new("RGB", (32, 32))], ["a red seven"])
+    with pytest.raises(ValueError, match="1 images but 2 prompts"):
+        digits.verify([Image.new("RGB", (32, 32))], ["a 1", "a 2"])
+
+
+def test_reward_fn_scores_and_passes_like_verify():
+    items = digits.prompts("test", "color_attr")[:4]
+    images = [digits.render(item, 0) for item in items]
+    captions = [items[0]["prompt"]] * 4  # only the first matches
+    results = digits.verify(images, captions)
+    assert digits.reward_fn("score")(images, captions) == [r["score"] for r in results]
+    assert digits.reward_fn("pass")(images, captions) == [float(r["passed"]) for r in results]
+    assert digits.reward_fn("score").input_format == "pt"
+    with pytest.raises(ValueError, match="'score' or 'pass'"):
+        digits.reward_fn("dense")
+
+
+def test_summarize_gives_category_rates_their_mean_and_check_rates():
+    results = [
+        {"passed": True, "score": 1.0, "checks": {"count": 1.0, "digit": 1.0}, "category": "single_object"},
+        {"passed": False, "score": 0.5, "checks": {"count": 1.0, "digit": 0.0}, "category": "single_object"},
+        {"passed": False, "score": 0.0, "checks": {"count": 0.0, "digit": 0.0}, "category": "counting"},
+    ]
+    table = digits.summarize(results)
+    assert table["single_object"] == 50.0 and table["counting"] == 0.0 and table["overall"] == 25.0
+    assert table["check_count"] == pytest.approx(200 / 3) and table["score"] == 0.5
