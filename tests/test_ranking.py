@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trl_drpo.ranking import mean_split, reward_ensemble, select_anchors, threshold_split, top_bottom_k, zscore
+from trl_drpo.ranking import (
+    SELECTION_RULES,
+    mean_split,
+    reward_ensemble,
+    select_anchors,
+    threshold_split,
+    top_bottom_k,
+    zscore,
+)
 
 
 def as_set(indices: torch.Tensor) -> set[int]:
@@ -34,12 +42,19 @@ def test_top_bottom_k_anchors_are_disjoint_even_when_they_cover_every_candidate(
 
 
 def test_top_bottom_k_breaks_ties_by_candidate_order():
-    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
     (selection,) = top_bottom_k(scores, num_positives=2, num_negatives=2)
     assert selection.positives.tolist() == [0, 1]
     assert as_set(selection.negatives) == {4, 5}
     (again,) = top_bottom_k(scores.clone(), num_positives=2, num_negatives=2)
     assert torch.equal(again.positives, selection.positives) and torch.equal(again.negatives, selection.negatives)
+
+
+@pytest.mark.parametrize("rule", SELECTION_RULES)
+def test_a_prompt_whose_candidates_all_score_the_same_is_skipped_by_every_rule(rule):
+    scores = torch.tensor([[0.7] * 6, [0.0, 1.0, 0.5, 0.2, 0.9, 0.1]])
+    skipped, ranked = select_anchors(scores, rule, num_positives=2, num_negatives=2, threshold=0.5)
+    assert skipped is None and ranked is not None
 
 
 def test_top_bottom_k_ties_across_the_cut_are_deterministic():
@@ -172,6 +187,14 @@ def test_a_constant_prompt_gets_zero_scores_not_nan():
     assert torch.isfinite(combined).all()
     assert torch.equal(combined[0], torch.zeros(3))
     assert combined[1, 2] > combined[1, 0]
+
+
+def test_a_reward_that_barely_separates_candidates_is_scaled_down_not_blown_up():
+    informative = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    flat = torch.tensor([[3e-7, 0.0, -3e-7, 0.0]])  # disagrees, but with a spread of about 2e-7
+    assert zscore(flat).abs().max() < 0.5
+    combined = reward_ensemble([informative, flat])
+    assert torch.equal(combined.argsort(dim=1), informative.argsort(dim=1))
 
 
 def test_a_single_reward_keeps_its_ranking():

@@ -440,6 +440,18 @@ def test_hpsv2_scores_a_converted_open_clip_checkpoint_like_the_clip_model_it_ho
     torch.testing.assert_close(torch.tensor(scores), torch.tensor(expected), rtol=1e-5, atol=1e-5)
 
 
+def test_open_clip_clean_fixes_entities_quotes_width_and_spacing_like_open_clip():
+    from trl_drpo.rewards.hps import open_clip_clean
+
+    assert open_clip_clean("A  \u201ccat\u201d &amp;amp; \uff24\uff2f\uff27\n") == 'a "cat" & dog'
+
+
+def test_hpsv2_scores_a_prompt_as_its_open_clip_cleaned_text(clip_dir, hps_checkpoint_dir):
+    images = images_uint8()[:1]
+    reward = HPSv2(hps_checkpoint_dir, config_name_or_path=clip_dir, device="cpu")
+    assert reward(images, ["a \u201ccat\u201d &amp; a dog"]) == reward(images, ['a "cat" & a dog'])
+
+
 def test_hpsv2_reloads_a_saved_converted_model_directly(clip_dir, hps_checkpoint_dir, tmp_path):
     images = images_uint8()
     converted = HPSv2(hps_checkpoint_dir, config_name_or_path=clip_dir, device="cpu").load()

@@ -547,3 +547,42 @@ def test_periodic_evaluation_during_training_logs_tuned_and_base_rewards(tmp_pat
     assert len(evals) == config.max_steps
     assert all("eval_base_reward" in entry for entry in evals)
     assert len({entry["eval_base_reward"] for entry in evals}) == 1, "the base reward is computed once"
+
+
+def test_lora_starts_from_pefts_default_initialisation_like_the_authors(tmp_path):
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, small_config(tmp_path), train_dataset=PROMPTS)
+    assert trainer.generator.unwrapped_denoiser.peft_config["default"].init_lora_weights is True
+    gaussian = DrPOTrainer(
+        tiny_sd_pipeline(), mean_brightness, small_config(tmp_path, lora_init="gaussian"), train_dataset=PROMPTS
+    )
+    assert gaussian.generator.unwrapped_denoiser.peft_config["default"].init_lora_weights == "gaussian"
+
+
+def _all_but_last_candidate_pass(images, prompts):
+    # K=8 candidates per prompt: 7 pass (1.0), the last fails (0.0). Their z-scores would be 0.38 and -2.6.
+    return [0.0 if i % 8 == 7 else 1.0 for i in range(len(prompts))]
+
+
+def test_threshold_rule_thresholds_raw_scores_not_z_scores(tmp_path):
+    config = small_config(
+        tmp_path, anchor_selection="threshold", num_generations=8, num_positives=2, num_negatives=1, logging_steps=1
+    )
+    trainer = DrPOTrainer(tiny_sd_pipeline(), _all_but_last_candidate_pass, config, train_dataset=PROMPTS)
+    trainer.train()
+    skipped = [entry["frac_prompts_skipped"] for entry in trainer.state.log_history if "frac_prompts_skipped" in entry]
+    assert skipped and max(skipped) == 0.0
+
+
+def test_rewards_that_cannot_rank_the_candidates_leave_the_adapter_unchanged(tmp_path):
+    config = small_config(tmp_path, logging_steps=1, weight_decay=0.0)  # decoupled decay would move the weights alone
+    constant = lambda images, prompts: [0.5] * len(prompts)  # noqa: E731
+    trainer = DrPOTrainer(tiny_sd_pipeline(), constant, config, train_dataset=PROMPTS)
+    before = lora_state(trainer)
+    trainer.train()
+    skipped = [entry["frac_prompts_skipped"] for entry in trainer.state.log_history if "frac_prompts_skipped" in entry]
+    assert skipped and min(skipped) == 1.0
+    assert all(entry["grad_norm"] == 0.0 for entry in trainer.state.log_history if "grad_norm" in entry)
+    after = lora_state(trainer)
+    # The reference term alone keeps the adapter at the base (its target is the base itself): no update at all.
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-7)

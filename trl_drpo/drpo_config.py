@@ -105,8 +105,8 @@ class DrPOConfig(TrainingArguments):
             Rule that turns rewards into anchors: `"topk"` (top / bottom k), `"mean_split"` (above / below the
             prompt's mean) or `"threshold"` (pass / fail at `selection_threshold`, for binary rewards).
         selection_threshold (`float`, *optional*, defaults to `0.5`):
-            Pass mark of the `"threshold"` rule, on the ensemble score (z-scored when several rewards are used, so
-            use a single binary reward with this rule).
+            Pass mark of the `"threshold"` rule, on the *raw* reward (with several rewards, their raw scores
+            weighted by `reward_weights`), never on z-scores: a candidate passes when its score is >= this value.
         reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             Weights of the reward functions, normalised to sum to one after each reward is z-scored within its
             prompt's group. `None` weighs them equally.
@@ -157,6 +157,9 @@ class DrPOConfig(TrainingArguments):
             LoRA dropout.
         lora_target_modules (`list[str]`, *optional*, defaults to `["to_q", "to_k", "to_v", "to_out.0"]`):
             Modules of the denoiser that receive LoRA layers.
+        lora_init (`str`, *optional*, defaults to `"default"`):
+            `peft.LoraConfig.init_lora_weights`: `"default"` is PEFT's default (A Kaiming-uniform, B zero), which
+            the authors' code uses; any other value PEFT accepts (`"gaussian"`, `"pissa"`, ...) is passed on.
 
         > Parameters that control the data
 
@@ -246,6 +249,10 @@ class DrPOConfig(TrainingArguments):
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(_LORA_TARGETS), metadata={"help": "Denoiser modules that get LoRA layers."}
+    )
+    lora_init: str = field(
+        default="default",
+        metadata={"help": "PEFT's init_lora_weights: 'default' (PEFT's and the authors'), 'gaussian', 'pissa', ..."},
     )
 
     dataset_name: str | None = field(default=None, metadata={"help": "Prompt dataset (Hub id or local path)."})

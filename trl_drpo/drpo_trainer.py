@@ -142,7 +142,7 @@ class DrPOTrainer(Trainer):
                     alpha=args.lora_alpha,
                     target_modules=args.lora_target_modules,
                     dropout=args.lora_dropout,
-                    init_lora_weights="gaussian",
+                    init_lora_weights=True if args.lora_init == "default" else args.lora_init,
                 )
             else:
                 self.generator.add_lora(config=peft_config)
@@ -241,7 +241,11 @@ class DrPOTrainer(Trainer):
         repeated_prompts = [p for p in prompts for _ in range(k)]
         repeated_columns = {c: [v for v in values for _ in range(k)] for c, values in columns.items()}
         scores = self.reward_funcs(images, repeated_prompts, repeated_columns)  # (rewards, B*K)
-        ranking = reward_ensemble([s.view(num_prompts, k) for s in scores], self.reward_funcs.weights)
+        if args.anchor_selection == "threshold":
+            # A pass mark is a raw score (GenEval's pass is 1.0): z-scores would move it with each group's spread.
+            ranking = self.reward_funcs.combine(scores).view(num_prompts, k)
+        else:
+            ranking = reward_ensemble([s.view(num_prompts, k) for s in scores], self.reward_funcs.weights)
         selections = select_anchors(
             ranking,
             args.anchor_selection,

@@ -32,12 +32,17 @@ def _check_scores(scores: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-def zscore(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Standardise each row (one prompt's candidates). A constant row maps to zeros rather than to NaN."""
+def zscore(scores: torch.Tensor, min_std: float = 1e-6) -> torch.Tensor:
+    """Standardise each row (one prompt's candidates), dividing by ``max(std, min_std)`` as the authors do.
+
+    A row whose spread is below ``min_std`` (a reward that barely tells its candidates apart) is scaled down instead
+    of blown up to unit variance, so it cannot drown an informative reward in an ensemble; a constant row maps to
+    zeros rather than to NaN.
+    """
     scores = _check_scores(scores)
     centred = scores - scores.mean(dim=1, keepdim=True)
     std = centred.pow(2).mean(dim=1, keepdim=True).sqrt()
-    return torch.where(std > eps, centred / std.clamp_min(eps), torch.zeros_like(centred))
+    return centred / std.clamp_min(min_std)
 
 
 def reward_ensemble(
@@ -67,10 +72,11 @@ def reward_ensemble(
     return sum(wi * z for wi, z in zip(w.tolist(), standardised))
 
 
-def top_bottom_k(scores: torch.Tensor, num_positives: int, num_negatives: int) -> list[AnchorSelection]:
+def top_bottom_k(scores: torch.Tensor, num_positives: int, num_negatives: int) -> list[AnchorSelection | None]:
     """Top ``num_positives`` candidates as positives and bottom ``num_negatives`` as negatives, per prompt.
 
-    Ties are broken by candidate order (a stable sort), so the selection is deterministic.
+    Ties are broken by candidate order (a stable sort), so the selection is deterministic. A prompt whose scores are
+    all equal cannot be ranked: it yields None (skip it), as in every other rule.
     """
     scores = _check_scores(scores)
     k = scores.shape[1]
@@ -80,7 +86,11 @@ def top_bottom_k(scores: torch.Tensor, num_positives: int, num_negatives: int) -
             "they must be disjoint (num_positives + num_negatives <= num_generations) with at least one positive."
         )
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return [AnchorSelection(positives=row[:num_positives], negatives=row[k - num_negatives :]) for row in order]
+    ranked = scores.amax(dim=1) > scores.amin(dim=1)
+    return [
+        AnchorSelection(positives=row[:num_positives], negatives=row[k - num_negatives :]) if usable else None
+        for row, usable in zip(order, ranked.tolist())
+    ]
 
 
 def mean_split(scores: torch.Tensor) -> list[AnchorSelection | None]:

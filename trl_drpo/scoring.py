@@ -26,6 +26,20 @@ def to_pil(images: torch.Tensor) -> list:
     return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images.detach().float().cpu()))
 
 
+def _run_coroutine(coroutine: Any) -> Any:
+    """Run a coroutine to completion from synchronous code, also when an event loop is already running in this
+    thread (a Jupyter cell, an async application calling `trainer.train()`): then it runs on a loop of its own in a
+    worker thread, since `asyncio.run` refuses to nest."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 def reward_name(fn: Callable) -> str:
     """Name used in logs: the ``name`` attribute, else ``__name__``, else the class name."""
     name = getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
@@ -136,7 +150,7 @@ class RewardFunctions:
                     *(fn(*args, **kwargs) for _, fn, args, kwargs in async_jobs), return_exceptions=True
                 )
 
-            for (i, _, _, _), value in zip(async_jobs, asyncio.run(gather())):
+            for (i, _, _, _), value in zip(async_jobs, _run_coroutine(gather())):
                 if isinstance(value, BaseException):
                     raise RuntimeError(self._context(i, prompts, "raised " + repr(value))) from value
                 results[i] = value
@@ -148,17 +162,29 @@ class RewardFunctions:
 
     def _check(self, index: int, value: Any, prompts: Sequence[str]) -> torch.Tensor:
         n = len(prompts)
+        if value is None:
+            raise ValueError(
+                self._context(index, prompts, f"returned None for {n} images") + " Return one float per image."
+            )
         try:
-            scores = torch.as_tensor(
-                np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
-            ).float()
-        except (TypeError, ValueError) as err:
+            if isinstance(value, torch.Tensor):
+                # Any dtype (bfloat16 has no numpy twin) on any device.
+                value = value.detach().to(device="cpu", dtype=torch.float64).numpy()
+            elif isinstance(value, (list, tuple)):
+                value = [v.detach().cpu().double().item() if isinstance(v, torch.Tensor) else v for v in value]
+            scores = torch.as_tensor(np.asarray(value, dtype=np.float64)).float()
+        except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(
                 self._context(index, prompts, f"returned {type(value).__name__} {value!r:.200}")
                 + " Return one float per image."
             ) from err
         if scores.ndim == 2 and scores.shape[1] == 1:
             scores = scores[:, 0]
+        if scores.ndim == 0:
+            raise ValueError(
+                self._context(index, prompts, f"returned one value for {n} images")
+                + " Return exactly one float per image, in order."
+            )
         if scores.ndim != 1 or scores.shape[0] != n:
             raise ValueError(
                 self._context(index, prompts, f"returned scores of shape {tuple(scores.shape)} for {n} images")

@@ -12,9 +12,10 @@ conversion takes seconds; save the result with ``reward.model.save_pretrained(di
 
 from __future__ import annotations
 
+import html
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -95,6 +96,16 @@ def convert_open_clip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict
     return converted
 
 
+def open_clip_clean(text: str) -> str:
+    """The text cleaning open_clip's tokenizer applies before BPE, which HPSv2 was trained with: mojibake, curly
+    quotes and full-width characters fixed by `ftfy`, HTML entities unescaped (twice, as open_clip does), whitespace
+    collapsed, lower case."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
 class HPSv2(CLIPScore):
     """Human Preference Score v2 (cosine of image and prompt embeddings, as HPSv2's own ``score``).
 
@@ -128,6 +139,9 @@ class HPSv2(CLIPScore):
         kwargs.setdefault("processor_name_or_path", self.config_name_or_path)
         super().__init__(model_name_or_path, **kwargs)
         self.checkpoint_name = checkpoint_name or HPS_CHECKPOINTS[version]
+
+    def _embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        return super()._embed_prompts([open_clip_clean(prompt) for prompt in prompts])
 
     def _load_model(self) -> nn.Module:
         from transformers import CLIPConfig, CLIPModel
