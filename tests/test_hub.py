@@ -351,3 +351,36 @@ def test_push_to_hub_then_load_lora_weights_from_the_hub_reproduces_the_tuned_im
     expected, loaded = load_file(tmp_path / "expected.safetensors"), load_file(tmp_path / "loaded.safetensors")
     torch.testing.assert_close(loaded["loaded"], expected["tuned"], rtol=0, atol=1e-5)
     assert (loaded["loaded"] - loaded["base"]).abs().max() > 1e-4, "the adapter must change the images"
+
+
+def test_a_readme_the_trainer_did_not_write_is_never_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# My project\n")
+    with pytest.raises(FileExistsError, match=r"README.md exists and was not written by trl_drpo.*another output_dir"):
+        DrPOTrainer(tiny_sd_pipeline(), mean_brightness, tiny_drpo_config(out), train_dataset=["a cat"])
+    assert (out / "README.md").read_text() == "# My project\n"
+
+
+def test_the_trainers_own_card_is_rewritten_on_the_next_save(tmp_path):
+    config = tiny_drpo_config(tmp_path / "out", max_steps=1)
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=["a cat", "a dog"])
+    trainer.save_model()
+    trainer.create_model_card(sample_grid="samples.png")
+    assert "samples.png" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_saved_config_and_card_name_local_folders_without_their_paths(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "my-base")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "my-base")
+    out = tmp_path / "private" / "out"
+    config = tiny_drpo_config(out, max_steps=1)
+    trainer = DrPOTrainer(pipe, mean_brightness, config, train_dataset=["a cat", "a dog"])
+    trainer.save_model()
+    for name in ("drpo_config.json", "README.md"):
+        text = (out / name).read_text()
+        assert str(tmp_path) not in text, name
+    assert "my-base" in (out / "README.md").read_text()
+    assert json.loads((out / "drpo_config.json").read_text())["output_dir"] == "out"

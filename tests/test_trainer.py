@@ -586,3 +586,16 @@ def test_rewards_that_cannot_rank_the_candidates_leave_the_adapter_unchanged(tmp
     # The reference term alone keeps the adapter at the base (its target is the base itself): no update at all.
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-7)
+
+
+def test_a_pipeline_with_a_loaded_adapter_is_refused_with_the_ways_to_continue(tmp_path):
+    first = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, small_config(tmp_path / "a"), train_dataset=PROMPTS)
+    first.train()
+    first.save_model()
+    pipe = tiny_sd_pipeline()
+    pipe.load_lora_weights(first.args.output_dir)
+    with pytest.raises(ValueError, match=r"already holds LoRA adapter.*fuse_lora\(\).*unload_lora_weights\(\)"):
+        DrPOTrainer(pipe, mean_brightness, small_config(tmp_path / "b"), train_dataset=PROMPTS)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    DrPOTrainer(pipe, mean_brightness, small_config(tmp_path / "b"), train_dataset=PROMPTS)  # trains on top

@@ -22,7 +22,7 @@ from .drift import DrPOTargets, drpo_targets_from_anchors, regression_loss
 from .drpo_config import DrPOConfig
 from .features import build_feature_map
 from .generators import OneStepGenerator, map_rows
-from .hub import load_adapter, render_model_card, save_adapter
+from .hub import check_card_is_ours, load_adapter, public_config_json, render_model_card, save_adapter
 from .prompts import PromptCollator, load_prompt_dataset
 from .ranking import reward_ensemble, select_anchors
 from .scoring import RewardFunctions, to_pil
@@ -112,6 +112,7 @@ class DrPOTrainer(Trainer):
         if not isinstance(args, DrPOConfig):
             raise TypeError(f"`args` must be a DrPOConfig, got {type(args).__name__}.")
         # Everything a user can get wrong is checked here, before any model runs.
+        check_card_is_ours(args.output_dir)
         self.generator = OneStepGenerator.from_pipeline(pipe, resolution=args.resolution)
         self.reward_funcs = RewardFunctions.build(reward_funcs, args.reward_weights)
         if train_dataset is None:
@@ -135,6 +136,15 @@ class DrPOTrainer(Trainer):
             raise ValueError(_DEEPSPEED_CHUNK_ERROR)
 
         denoiser = self.generator.denoiser
+        loaded = list(getattr(self.generator.unwrapped_denoiser, "peft_config", None) or {})
+        if loaded:
+            # A second adapter would switch the loaded one off: the pipe would silently serve the bare base.
+            raise ValueError(
+                f"The pipeline's denoiser already holds LoRA adapter(s) {loaded} (e.g. from `load_lora_weights`). To "
+                "keep what it learned and train on top of it, fuse it first: `pipe.fuse_lora(); "
+                "pipe.unload_lora_weights()`. To resume a DrPO run, load the bare base and pass "
+                "`resume_from_checkpoint` to `train()`. To start fresh, call `pipe.unload_lora_weights()`."
+            )
         if args.use_lora:
             if peft_config is None:
                 self.generator.add_lora(
@@ -480,7 +490,7 @@ class DrPOTrainer(Trainer):
         else:
             denoiser.save_pretrained(os.path.join(output_dir, "unet"))
         with open(os.path.join(output_dir, CONFIG_NAME), "w", encoding="utf-8") as handle:
-            handle.write(self.args.to_json_string())
+            handle.write(public_config_json(self.args))
         self._write_model_card(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
@@ -498,6 +508,7 @@ class DrPOTrainer(Trainer):
             denoiser.load_state_dict(state)
 
     def _write_model_card(self, output_dir: str, **kwargs: Any) -> None:
+        check_card_is_ours(output_dir)
         card = render_model_card(
             pipeline=self.generator.pipeline,
             args=self.args,

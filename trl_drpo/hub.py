@@ -53,6 +53,26 @@ def load_adapter(denoiser: torch.nn.Module, checkpoint_dir: str, adapter_name: s
         raise ValueError(f"The adapter at {path} does not match the model: unexpected keys {unexpected[:5]}.")
 
 
+CARD_MARKER = "<!-- trl_drpo model card:"
+"""The line every card written by `render_model_card` holds, so that a README the trainer did not write is never
+overwritten."""
+
+
+def check_card_is_ours(output_dir: str) -> None:
+    """Raise `FileExistsError` when ``output_dir/README.md`` exists and is not a trl_drpo model card (the user's own
+    file), naming it and the ways out, before anything would overwrite it."""
+    path = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        if CARD_MARKER in handle.read():
+            return
+    raise FileExistsError(
+        f"{path} exists and was not written by trl_drpo; saving would replace it with the model card. Move or rename "
+        "it, or choose another output_dir."
+    )
+
+
 def _template_path() -> Path:
     here = Path(__file__).resolve().parent
     for folder in (here.parent / "model_cards", here / "model_cards"):
@@ -79,6 +99,23 @@ def _hub_id_or_none(name: str | None) -> str | None:
     if not name or os.path.exists(name) or not _HUB_ID.match(name) or ".." in name:
         return None
     return name
+
+
+def public_name(value: str) -> str:
+    """A local path reduced to its last component (a name says what it is; a path says where, which may be private);
+    anything else unchanged."""
+    if os.path.isabs(value) or os.path.exists(value):
+        return os.path.basename(os.path.normpath(value)) or value
+    return value
+
+
+def public_config_json(args: Any) -> str:
+    """`args` as JSON for files that may leave the machine: tokens redacted (as `to_dict` does) and every absolute
+    local path (output and logging folders, a local dataset, a checkpoint) reduced to its last component."""
+    import json
+
+    values = {key: public_name(value) if isinstance(value, str) else value for key, value in args.to_dict().items()}
+    return json.dumps(values, indent=2, sort_keys=True, default=str)
 
 
 def base_model_id(pipeline: Any) -> str | None:
@@ -173,6 +210,8 @@ def render_model_card(
 
     base = base_model_id(pipeline)
     base_hub_id = _hub_id_or_none(base)
+    if base is not None and base_hub_id is None:
+        base = public_name(base)  # a pipeline loaded from a local folder: name it, never locate it
     repo_id = repo_id or args.hub_model_id or model_name or Path(args.output_dir).name
     dataset = dataset_name or getattr(args, "dataset_name", None)
     total = sum(reward_weights) or 1.0
