@@ -101,3 +101,19 @@ def test_config_round_trips_through_json(tmp_path):
     values = config.to_dict()
     assert values["feature_map_kwargs"] == {"timestep": 50} and values["reward_weights"] == [0.7, 0.3]
     assert "<HUB_TOKEN>" in make(tmp_path, hub_token="hf_secret").to_json_string()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--report_to", "tensorboard", "wandb"], ["tensorboard", "wandb"]),
+        (["--report_to", "tensorboard"], ["tensorboard"]),
+        (["--report_to", "none"], []),
+        ([], []),
+    ],
+)
+def test_report_to_takes_several_integrations_on_the_command_line(argv, expected, tmp_path):
+    from trl_drpo.cli import make_train_parser
+
+    _, config = make_train_parser().parse_args_and_config(["--output_dir", str(tmp_path), "--use_cpu", "true", *argv])
+    assert config.report_to == expected

@@ -198,6 +198,11 @@ class DrPOConfig(TrainingArguments):
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Prompts per device per micro-batch."})
     save_steps: float = field(default=100, metadata={"help": "Save a checkpoint every this many updates."})
     logging_steps: float = field(default=1, metadata={"help": "Log every this many updates."})
+    # A list on the command line too (`--report_to tensorboard wandb`); TrainingArguments' union type takes one word.
+    report_to: list[str] | None = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "Integrations to report to, one or several (tensorboard wandb ...), 'all' or 'none'."},
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep dataset columns: rewards may take them as keyword arguments."}
     )

@@ -10,6 +10,22 @@ from datasets import Dataset, IterableDataset, load_dataset
 
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+_BOMS = (("utf-8-sig", b"\xef\xbb\xbf"), ("utf-32", b"\xff\xfe\x00\x00"), ("utf-32", b"\x00\x00\xfe\xff"))
+_BOMS += (("utf-16", b"\xff\xfe"), ("utf-16", b"\xfe\xff"))
+
+
+def read_prompt_lines(path: str) -> list[str]:
+    """The prompts of a text file, one per line: a byte-order mark (UTF-8/16/32) honoured, any line ending (LF,
+    CRLF, CR), surrounding whitespace stripped, blank lines dropped. Undecodable bytes raise a `ValueError` naming
+    the file."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    encoding = next((name for name, bom in _BOMS if raw.startswith(bom)), "utf-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"Prompt file {path!r} is not UTF-8 text ({err}); save it as UTF-8.") from err
+    return [line.strip() for line in text.lstrip("\ufeff").splitlines() if line.strip()]
 
 
 def load_prompt_dataset(
@@ -29,12 +45,10 @@ def load_prompt_dataset(
         dataset = source
     elif isinstance(source, str):
         extension = os.path.splitext(source)[1].lower()
-        if os.path.isfile(source) and extension in _FILE_BUILDERS:
-            builder = _FILE_BUILDERS[extension]
-            dataset = load_dataset(builder, data_files={split: source}, split=split)
-            if builder == "text":
-                dataset = dataset.filter(lambda row: bool(row["text"].strip()))
-                dataset = dataset.rename_column("text", prompt_column)
+        if os.path.isfile(source) and extension == ".txt":
+            dataset = Dataset.from_dict({prompt_column: read_prompt_lines(source)})
+        elif os.path.isfile(source) and extension in _FILE_BUILDERS:
+            dataset = load_dataset(_FILE_BUILDERS[extension], data_files={split: source}, split=split)
         elif os.path.isfile(source):
             raise ValueError(f"Unsupported prompt file {source!r}: use one of {sorted(_FILE_BUILDERS)}.")
         else:
@@ -49,22 +63,25 @@ def load_prompt_dataset(
             f"Cannot read prompts from {type(source).__name__}: pass a list of strings, a datasets.Dataset, a local "
             "file or a dataset id."
         )
-    check_prompt_dataset(dataset, prompt_column)
+    check_prompt_dataset(dataset, prompt_column, source if isinstance(source, str) else None)
     return dataset
 
 
-def check_prompt_dataset(dataset: Dataset | IterableDataset, prompt_column: str) -> None:
-    """Raise a clear `ValueError` if ``dataset`` is empty or lacks the prompt column."""
+def check_prompt_dataset(dataset: Dataset | IterableDataset, prompt_column: str, name: str | None = None) -> None:
+    """Raise a clear `ValueError` if ``dataset`` (read from ``name``, when given) is empty or lacks the prompt
+    column."""
+    what = f"The prompt dataset {name!r}" if name else "The prompt dataset"
     columns = dataset.column_names
     if columns is not None and prompt_column not in columns:
         raise ValueError(
-            f"The prompt dataset has no column {prompt_column!r} (columns: {columns}). Set `prompt_column` in "
+            f"{what} has no column {prompt_column!r} (columns: {columns}). Set `prompt_column` in "
             "DrPOConfig to the column that holds the prompts."
         )
-    if isinstance(dataset, Dataset) and len(dataset) == 0:
-        raise ValueError("The prompt dataset is empty: DrPO needs at least one prompt to train on.")
-    if isinstance(dataset, IterableDataset) and next(iter(dataset.take(1)), None) is None:
-        raise ValueError("The prompt dataset is empty: DrPO needs at least one prompt to train on.")
+    empty = (isinstance(dataset, Dataset) and len(dataset) == 0) or (
+        isinstance(dataset, IterableDataset) and next(iter(dataset.take(1)), None) is None
+    )
+    if empty:
+        raise ValueError(f"{what} holds no prompts: DrPO needs at least one prompt to train on.")
 
 
 class PromptCollator:
