@@ -131,3 +131,33 @@ def test_example_trains_a_few_steps_under_accelerate_launch_and_writes_its_artef
     card = (out / "README.md").read_text()
     assert "![samples](samples.png)" in card and "| `jpeg_compressibility` | 1 |" in card
     assert f"| reference_loss_weight | `{PRESETS[preset]['reference_loss_weight']}` |" in card
+
+
+def documented_commands(path: str, marker: str) -> list[str]:
+    """The shell commands of a markdown file's ```bash blocks that contain `marker`, with continuation lines
+    joined, exactly as a reader would paste them."""
+    text = open(path, encoding="utf-8").read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = command.split("  #")[0].strip()
+            if marker in command:
+                commands.append(command)
+    return commands
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [0, 1])
+def test_the_documented_cpu_smoke_commands_run_as_written(index, tmp_path):
+    commands = documented_commands(os.path.join(EXAMPLES, "README.md"), "tiny_cpu.yaml")
+    assert len(commands) == 2
+    # Run from a folder that looks like the repository root (the commands use repository-relative paths), so the
+    # outputs land in the temporary folder.
+    os.symlink(EXAMPLES, tmp_path / "examples")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    result = subprocess.run(
+        commands[index], shell=True, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "drpo-tiny" / LORA_WEIGHT_NAME).is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import defaultdict
@@ -18,16 +19,26 @@ from datasets import Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
+from .checkpoints import checkpoint_problems, latest_complete_checkpoint
 from .drift import DrPOTargets, drpo_targets_from_anchors, regression_loss
 from .drpo_config import DrPOConfig
 from .features import build_feature_map
 from .generators import OneStepGenerator, map_rows
-from .hub import check_card_is_ours, load_adapter, public_config_json, render_model_card, save_adapter
+from .hub import (
+    LORA_WEIGHT_NAME,
+    check_card_is_ours,
+    load_adapter,
+    public_config_json,
+    render_model_card,
+    save_adapter,
+)
 from .prompts import PromptCollator, load_prompt_dataset
 from .ranking import reward_ensemble, select_anchors
 from .scoring import RewardFunctions, to_pil
 from .visualization import image_grid
 
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "drpo_config.json"
 _DEEPSPEED_CHUNK_ERROR = (
@@ -201,6 +212,31 @@ class DrPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
     # One step
     # ------------------------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """`transformers.Trainer.train`, resuming only from whole checkpoints.
+
+        `resume_from_checkpoint=True` picks the newest *complete* `checkpoint-N` of `output_dir`, skipping (with a
+        warning) any that a crash left unfinished or damaged; a checkpoint path with a damaged or missing file raises
+        a `ValueError` naming the file, before anything is loaded.
+        """
+        weights = LORA_WEIGHT_NAME if self.args.use_lora else None
+        if resume_from_checkpoint is True:
+            folder, skipped = latest_complete_checkpoint(self.args.output_dir, weights)
+            for problem in skipped:
+                logger.warning("Not resuming from an incomplete checkpoint: %s.", problem)
+            if folder is None:
+                raise ValueError(
+                    f"No complete checkpoint to resume from in {self.args.output_dir}"
+                    + (f" ({'; '.join(skipped)})" if skipped else "")
+                    + ". Start without resume_from_checkpoint, or pass a checkpoint folder."
+                )
+            resume_from_checkpoint = folder
+        elif isinstance(resume_from_checkpoint, str):
+            problems = checkpoint_problems(resume_from_checkpoint, weights)
+            if problems:
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {'; '.join(problems)}.")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _noise_generator(self) -> torch.Generator:
         """A generator seeded by (seed, rank, update, micro-step): each rank samples its own noise, and a resumed

@@ -1,0 +1,81 @@
+"""Resuming from checkpoints: incomplete ones are skipped, damaged files are named."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+
+from trl_drpo import DrPOTrainer
+from trl_drpo.checkpoints import checkpoint_problems, latest_complete_checkpoint
+from trl_drpo.hub import LORA_WEIGHT_NAME
+from trl_drpo.testing import mean_brightness, tiny_drpo_config, tiny_sd_pipeline
+
+
+PROMPTS = ["a red apple", "a blue car"]
+
+
+def run(output_dir, max_steps, resume=None):
+    config = tiny_drpo_config(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=2)
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    run(out, 4)
+    return out
+
+
+def copy_run(finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    return out
+
+
+def test_whole_checkpoints_have_no_problems(finished):
+    assert checkpoint_problems(str(finished / "checkpoint-4"), LORA_WEIGHT_NAME) == []
+    assert latest_complete_checkpoint(str(finished), LORA_WEIGHT_NAME) == (str(finished / "checkpoint-4"), [])
+
+
+@pytest.mark.parametrize("left", [[], [LORA_WEIGHT_NAME], [LORA_WEIGHT_NAME, "optimizer.pt"]])
+def test_resuming_from_the_latest_skips_a_checkpoint_a_crash_left_unfinished(finished, tmp_path, left, caplog):
+    out = copy_run(finished, tmp_path)
+    for name in os.listdir(out / "checkpoint-4"):
+        if name not in left:
+            os.remove(out / "checkpoint-4" / name)
+    with caplog.at_level(logging.WARNING, logger="trl_drpo.drpo_trainer"):
+        trainer = run(out, 4, resume=True)
+    assert trainer.state.global_step == 4  # resumed from checkpoint-2, then trained steps 3 and 4
+    assert "trainer_state.json is missing" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("trainer_state.json", lambda data: data[: len(data) // 2]),
+        (LORA_WEIGHT_NAME, lambda data: data[: len(data) - 100]),
+        ("optimizer.pt", lambda data: data[: len(data) // 2]),
+        ("rng_state.pth", lambda data: data[:10]),
+        ("scheduler.pt", lambda data: b""),
+    ],
+)
+def test_a_damaged_file_is_named_when_resuming_from_its_checkpoint(finished, tmp_path, name, damage):
+    out = copy_run(finished, tmp_path)
+    path = out / "checkpoint-4" / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=rf"Cannot resume from .*checkpoint-4: .*{name} is damaged"):
+        run(out, 6, resume=str(out / "checkpoint-4"))
+    assert latest_complete_checkpoint(str(out), LORA_WEIGHT_NAME)[0] == str(out / "checkpoint-2")
+
+
+def test_no_complete_checkpoint_at_all_is_a_clear_error(finished, tmp_path):
+    out = copy_run(finished, tmp_path)
+    for step in (2, 4):
+        os.remove(out / f"checkpoint-{step}" / "trainer_state.json")
+    with pytest.raises(ValueError, match="No complete checkpoint to resume from"):
+        run(out, 6, resume=True)

@@ -1,0 +1,91 @@
+"""Checkpoint folders (`checkpoint-N/`): telling a complete one from one cut short by a crash, and naming damage.
+
+A `transformers.Trainer` writes a checkpoint's files one after the other; a run killed in between leaves a folder
+that looks like the latest checkpoint but cannot be resumed. These checks read every file enough to know it is whole
+(JSON parsed, safetensors headers read, the zip archives `torch.save` writes verified by their CRCs) without loading
+any tensor, so resuming can skip an incomplete checkpoint or say which file is damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+
+
+REQUIRED_FILES = ("trainer_state.json",)
+"""Written last by the trainer: a checkpoint without it was interrupted."""
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_problems(folder: str, weights_name: str | None = None) -> list[str]:
+    """What makes `folder` unusable to resume from, one sentence per damaged or missing file; empty when whole.
+
+    Args:
+        folder: a `checkpoint-N` folder.
+        weights_name: the weights file the checkpoint must hold (e.g. the LoRA adapter), if any.
+    """
+    if not os.path.isdir(folder):
+        return [f"{folder} is not a folder"]
+    problems = []
+    for name in (*REQUIRED_FILES, *([weights_name] if weights_name else [])):
+        if not os.path.isfile(os.path.join(folder, name)):
+            problems.append(f"{os.path.join(folder, name)} is missing (the checkpoint was not finished)")
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        problem = _file_problem(path)
+        if problem:
+            problems.append(f"{path} is damaged ({problem})")
+    return problems
+
+
+def _file_problem(path: str) -> str | None:
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as handle:
+                json.load(handle)
+        elif path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+            _check_safetensors_length(path)
+        elif path.endswith((".pt", ".pth", ".bin")):
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"corrupt member {bad}"
+    except Exception as err:  # any failure to read means the file cannot be resumed from
+        return f"{type(err).__name__}: {err}".strip()
+    return None
+
+
+def _check_safetensors_length(path: str) -> None:
+    # The header states where the last tensor ends; a truncated file is shorter than that.
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+    end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
+    if os.path.getsize(path) < 8 + header_size + end:
+        raise ValueError(f"truncated: {os.path.getsize(path)} bytes, the header needs {8 + header_size + end}")
+
+
+def latest_complete_checkpoint(output_dir: str, weights_name: str | None = None) -> tuple[str | None, list[str]]:
+    """The `checkpoint-N` folder of `output_dir` with the highest N that is whole, and the problems of every newer
+    one that was skipped. `(None, problems)` when none is whole."""
+    if not os.path.isdir(output_dir):
+        return None, []
+    steps = sorted(
+        (int(match.group(1)), name) for name in os.listdir(output_dir) if (match := _CHECKPOINT.match(name))
+    )
+    skipped: list[str] = []
+    for _, name in reversed(steps):
+        folder = os.path.join(output_dir, name)
+        problems = checkpoint_problems(folder, weights_name)
+        if not problems:
+            return folder, skipped
+        skipped.extend(problems)
+    return None, skipped
