@@ -599,3 +599,27 @@ def test_a_pipeline_with_a_loaded_adapter_is_refused_with_the_ways_to_continue(t
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     DrPOTrainer(pipe, mean_brightness, small_config(tmp_path / "b"), train_dataset=PROMPTS)  # trains on top
+
+
+def test_a_built_in_reward_can_be_named_instead_of_passed(tmp_path):
+    trainer = DrPOTrainer(tiny_sd_pipeline(), "jpeg_compressibility", small_config(tmp_path), train_dataset=PROMPTS)
+    assert trainer.reward_funcs.names == ["jpeg_compressibility"]
+    trainer.train()
+
+
+class _UnloadableReward:
+    name = "unloadable"
+
+    def load(self):
+        raise OSError("weights not found")
+
+    def __call__(self, images, prompts):
+        raise AssertionError("never called")
+
+
+def test_a_reward_that_cannot_load_fails_before_any_generation(tmp_path, monkeypatch):
+    from trl_drpo.generators import OneStepGenerator
+
+    monkeypatch.setattr(OneStepGenerator, "sample", lambda *a, **k: pytest.fail("generated before the reward loaded"))
+    with pytest.raises(RuntimeError, match=r"Reward 'unloadable' could not be loaded: OSError\('weights not found'\)"):
+        DrPOTrainer(tiny_sd_pipeline(), _UnloadableReward(), small_config(tmp_path), train_dataset=PROMPTS)

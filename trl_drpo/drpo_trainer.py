@@ -81,6 +81,16 @@ class _DrPOCallbackHandler(CallbackHandler):
         self._model_view = _CallbackModel(value) if value is not None else None
 
 
+def _resolve_reward_names(reward_funcs: Any) -> Any:
+    # Built-in reward names (as TRL's GRPO takes reward model ids) become their callables through the registry.
+    items = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not any(isinstance(item, str) for item in items):
+        return reward_funcs
+    from .rewards import get_reward
+
+    return [get_reward(item) if isinstance(item, str) else item for item in items]
+
+
 class DrPOTrainer(Trainer):
     """Trainer for Drifting Preference Optimization (DrPO) of one-step text-to-image generators.
 
@@ -95,8 +105,11 @@ class DrPOTrainer(Trainer):
     Args:
         pipe: a diffusers pipeline with a supported one-step adapter (`StableDiffusionPipeline` for SD-Turbo,
             `StableDiffusionXLPipeline` for SDXL-Turbo; see `trl_drpo.generators.register_generator`).
-        reward_funcs: a callable ``reward(images, prompts, **columns) -> list[float]``, or a list of them (weighted
-            by `DrPOConfig.reward_weights`). See `trl_drpo.scoring` for the convention.
+        reward_funcs: a callable ``reward(images, prompts, **columns) -> list[float]``, a built-in reward's name
+            (``"pickscore"``, see `trl_drpo.rewards.available_rewards`), or a list of them (weighted by
+            `DrPOConfig.reward_weights`). See `trl_drpo.scoring` for the convention. Rewards with a ``load()``
+            method (the built-in model rewards) are loaded here, so that one that cannot load fails before any
+            generation.
         args: a `DrPOConfig`; defaults to the paper's SD-Turbo recipe with ``output_dir="drpo-output"``.
         train_dataset: prompts: a `datasets.Dataset` / `IterableDataset` with a prompt column, a list of strings,
             or None to load `args.dataset_name`.
@@ -125,7 +138,8 @@ class DrPOTrainer(Trainer):
         # Everything a user can get wrong is checked here, before any model runs.
         check_card_is_ours(args.output_dir)
         self.generator = OneStepGenerator.from_pipeline(pipe, resolution=args.resolution)
-        self.reward_funcs = RewardFunctions.build(reward_funcs, args.reward_weights)
+        self.reward_funcs = RewardFunctions.build(_resolve_reward_names(reward_funcs), args.reward_weights)
+        self.reward_funcs.load()  # a reward that cannot load fails now, not after the first rollout
         if train_dataset is None:
             if args.dataset_name is None:
                 raise ValueError(

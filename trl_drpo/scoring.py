@@ -101,6 +101,21 @@ class RewardFunctions:
                 seen[name] = 0
         return cls(funcs=funcs, weights=weights, names=names)
 
+    def load(self) -> None:
+        """Load every reward that has a ``load()`` method (the built-in model rewards), raising a `RuntimeError`
+        naming the reward and the cause when one cannot load."""
+        for name, fn in zip(self.names, self.funcs):
+            load = getattr(fn, "load", None)
+            if not callable(load):
+                continue
+            try:
+                load()
+            except Exception as err:
+                raise RuntimeError(
+                    f"Reward {name!r} could not be loaded: {err!r}. Check its model path or Hub id (and your network "
+                    "or HF_HUB_OFFLINE), or pass another reward."
+                ) from err
+
     def combine(self, scores: torch.Tensor) -> torch.Tensor:
         """The raw scores ``(num_rewards, N)`` weighted into one value per image (weights normalised to sum to one):
         the logged `reward`. Ranking uses z-scored scores instead (`trl_drpo.ranking.reward_ensemble`)."""
