@@ -1,4 +1,4 @@
-"""A minimal, real DRaFT-style reward back-propagation step (section 5 of the method notes): loss = -reward.
+"""A minimal, real DRaFT-style reward back-propagation step (the paper's DRaFT baseline): loss = -reward.
 
 The candidates are generated with gradient by the same `OneStepGenerator` DrPO uses (same pipeline, noise, batch and
 precision), decoded *with* gradient (`decode_with_grad`), scored by a differentiable reward tower

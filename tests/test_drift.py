@@ -1,4 +1,4 @@
-"""The drift field of section 2.3 of the method document, and the DrPO objective of sections 2.4-2.6.
+"""The drift field (docs/method.md, section 2) and the DrPO objective built from it.
 
 The most important test is the golden comparison against `spec_field`, a direct float64 transcription of the
 specification written for this file: it uses explicit pairwise differences for the distances and the literal
@@ -27,7 +27,7 @@ RADII = (0.02, 0.05, 0.2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A reference computation written from section 2.3, one row (one prompt's set) at a time, in float64
+# A reference computation written from docs/method.md §2, one row (one prompt's set) at a time, in float64
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -335,7 +335,7 @@ def test_the_generated_set_is_read_in_float32_and_never_gets_a_graph():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Self masking (section 2.3 step 4, section 2.5)
+# Self masking (docs/method.md §2 step 4, section 2.5)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -500,7 +500,7 @@ def test_reference_field_points_from_current_samples_toward_reference_samples():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The DrPO objective over feature keys (sections 2.4-2.6) and its chunked form (section 11.3)
+# The DrPO objective over feature keys (docs/method.md §2) and its chunked form (docs/method.md §4)
 # ---------------------------------------------------------------------------------------------------------------
 
 KEYS = {"mean": (1, 6), "patches": (4, 3)}  # key -> (tokens, dim)

@@ -1,4 +1,4 @@
-"""Turning rewards into anchors (section 2.2 of the method document): selection rules and reward ensembles."""
+"""Turning rewards into anchors (docs/method.md, section 3): selection rules and reward ensembles."""
 
 from __future__ import annotations
 

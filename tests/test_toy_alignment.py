@@ -3,7 +3,7 @@
 The generator is a residual MLP ``z -> z + mlp(z)`` whose last layer starts at zero, so the base generator is the
 identity and its samples are N(0, I). The reward, computed in numpy on detached points and quantised, is
 ``-floor(10 * |x - (2, 0)|_1) / 10``: it has no gradient and only ranks candidates. Each step follows the trainer's
-two phases (section 11.3 of the method document): a no-grad rollout of K candidates for a few "prompts"
+two phases (docs/method.md, section 4): a no-grad rollout of K candidates for a few "prompts"
 (independent noise groups) and of the frozen base on the same noise, ranking, `drpo_targets`; then the candidates
 are regenerated in chunks with grad and regressed onto their targets.
 

@@ -1,6 +1,6 @@
 """The DrPO drift field: kernel mean-shift targets in feature space.
 
-Pure torch, no I/O and no diffusers. This is the estimator of section 2.3 of the method document (the "double
+Pure torch, no I/O and no diffusers. This is the estimator of docs/method.md, section 2 (the "double
 normalised kernel dipole" of the Drifting-model paper), and the preference / reference combination of sections
 2.4-2.6.
 
@@ -10,7 +10,7 @@ trainer) are processed in parallel and never interact. The public entry points a
 - `drift_field` -> `DriftTarget`: the stop-gradient goal ``sg(x/sigma + V)`` for one set, plus diagnostics;
 - `drift_loss`: the estimator's loss for one set, ``mean_{i,d} (G/sigma - goal)^2`` per row;
 - `drpo_targets` / `DrPOTargets.loss`: the full DrPO objective over a dict of feature keys, split into a no-grad
-  target pass and a regression pass that can run over candidate chunks (section 11.3) with the same gradient.
+  target pass and a regression pass that can run over candidate chunks (docs/method.md §4) with the same gradient.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 KERNELS = ("laplacian", "rbf", "cosine")
 _KERNEL_ALIASES = {"exponential": "laplacian", "gaussian": "rbf"}
 
-# Constants of the reference implementation (section 2.3), reproduced on purpose.
+# Constants of the reference implementation (docs/method.md §2), reproduced on purpose.
 _DIST_EPS = 1e-8  # clamp of squared distances: no distance is below 1e-4
 _SCALE_MIN = 1e-3  # floor of the feature scale s and of sigma
 _RMS_EPS = 1e-8  # floor of the squared per-radius RMS
@@ -232,7 +232,7 @@ def drift_loss(
     mask_self_negatives: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The drift estimator's loss for one set of features (section 2.3).
+    """The drift estimator's loss for one set of features (docs/method.md §2).
 
     Returns the per-row loss ``mean_{i,d} (generated/sigma - sg(x/sigma + V))^2`` of shape ``(B,)``, whose gradient
     with respect to ``generated`` is ``-2 V / (N D sigma)``, and the diagnostics of `drift_field`. The loss value is
@@ -254,7 +254,7 @@ def drift_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The DrPO objective over feature keys (sections 2.4-2.6)
+# The DrPO objective over feature keys (docs/method.md §2)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -282,7 +282,7 @@ class DriftHyperparams:
 
 
 def as_feature_set(features: torch.Tensor) -> torch.Tensor:
-    """Flatten per-sample tokens ``(B, K, T, D)`` into one particle set ``(B, K*T, D)`` per row (section 2.6):
+    """Flatten per-sample tokens ``(B, K, T, D)`` into one particle set ``(B, K*T, D)`` per row (docs/method.md §2):
     all tokens of all samples of a prompt interact in one kernel set, with no positional matching."""
     if features.ndim != 4:
         raise ValueError(f"Per-sample features must be (batch, samples, tokens, dim), got {tuple(features.shape)}.")
@@ -307,7 +307,7 @@ class DrPOTargets:
         """DrPO loss per row for candidates ``start:start+k`` whose features are ``(B, k, T, D)`` per key.
 
         Summed over a partition of the candidates into chunks, this equals the loss of all candidates at once, and
-        so does its gradient (section 11.3).
+        so does its gradient (docs/method.md §4).
         """
         missing = set(self.terms) - set(features)
         if missing:
@@ -331,7 +331,7 @@ def drpo_targets(
     reference: Mapping[str, torch.Tensor] | None,
     params: DriftHyperparams,
 ) -> DrPOTargets:
-    """Build the DrPO targets of sections 2.4-2.6 for every feature key.
+    """Build the DrPO targets of docs/method.md §2 for every feature key.
 
     Args:
         generated: key -> ``(B, K, T, D)`` features of the current candidates.
@@ -421,7 +421,7 @@ def drpo_targets_from_anchors(
     anchors: Sequence[Any],
     params: DriftHyperparams,
 ) -> list[DrPOTargets | None]:
-    """`drpo_targets` for each prompt, with anchors that are detached copies of its own candidates (section 2.2).
+    """`drpo_targets` for each prompt, with anchors that are detached copies of its own candidates (docs/method.md §3).
 
     Args:
         generated: key -> ``(B, K, T, D)`` features of every prompt's candidates.

@@ -15,7 +15,7 @@ from .ranking import SELECTION_RULES
 _PAPER_RADII = [0.02, 0.05, 0.2]
 _LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
-# The paper's recipes (section 4.6 of the method document). Values not listed keep the DrPOConfig defaults, which
+# The paper's recipes (docs/method.md, section 6). Values not listed keep the DrPOConfig defaults, which
 # are the SD-Turbo recipe already.
 PRESETS: dict[str, dict[str, Any]] = {
     "sd_turbo_paper": {
@@ -72,8 +72,8 @@ class DrPOConfig(TrainingArguments):
     r"""
     Configuration class for [`DrPOTrainer`].
 
-    Defaults follow the paper's SD-Turbo recipe (Drifting Preference Optimization, arXiv 2606.02521, section 4.6 of
-    the method document); `DrPOConfig.from_preset("sdxl_turbo_paper", ...)` gives the SDXL-Turbo one. Only the
+    Defaults follow the paper's SD-Turbo recipe (Drifting Preference Optimization, arXiv 2606.02521;
+    docs/method.md, section 6); `DrPOConfig.from_preset("sdxl_turbo_paper", ...)` gives the SDXL-Turbo one. Only the
     parameters specific to DrPO are listed here; see [`~transformers.TrainingArguments`] for the others. A step of
     training is one optimizer update over `per_device_train_batch_size * gradient_accumulation_steps` prompts per
     process, each with `num_generations` candidates.

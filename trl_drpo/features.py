@@ -1,10 +1,10 @@
-"""Frozen feature maps phi: the space in which DrPO's drift field is computed (section 3 of the method notes).
+"""Frozen feature maps phi: the space in which DrPO's drift field is computed (docs/method.md, section 5).
 
 Every map takes generator latents (UNet space, as :meth:`OneStepGenerator.sample` returns them) and returns a dict
 `key -> (batch, tokens, dim)` tensor, differentiable with respect to the latents. Keys are independent particle
 sets: the drift loss runs once per key and aggregates. Build one by name::
 
-    fmap = build_feature_map("denoiser", generator)                   # default (section 11.5)
+    fmap = build_feature_map("denoiser", generator)                   # default (docs/method.md §8.5)
     fmap = build_feature_map("latent_mae", generator, model_name_or_path="mae_latent_256_torch.pth")
     fmap = build_feature_map("dinov2", generator, model_name_or_path="facebook/dinov2-base")
     features = fmap(latents, embeds)                                   # embeds only needed by "denoiser"
@@ -261,7 +261,7 @@ def _top_level_blocks(denoiser: nn.Module) -> list[str]:
 
 @register_feature_map("denoiser")
 class DenoiserFeatureMap(FeatureMap):
-    """Block outputs of the frozen *base* denoiser (section 3.5), the default feature space (section 11.5).
+    """Block outputs of the frozen *base* denoiser (docs/method.md §5), the default feature space (docs/method.md §8.5).
 
     The latents are perturbed with a fixed draw of `noise_scale * N(0, I)` (one draw of shape `(1, C, h, w)`
     from `seed`, shared by every row so that the features depend only on the latent, not on its batch position or
@@ -400,7 +400,7 @@ class _BasicBlock(nn.Module):
 
 
 class LatentMAEResNet(nn.Module):
-    """The encoder of the latent-space MAE (section 3.1): a GroupNorm ResNet of basic blocks on VAE latents.
+    """The encoder of the latent-space MAE (docs/method.md §5): a GroupNorm ResNet of basic blocks on VAE latents.
 
     Stem conv3x3 -> GN -> ReLU; then 4 stages of basic blocks (`layers`, default [3, 4, 6, 3]) of widths `widths`,
     stride 2 in the first block of stages 2-4, each stage followed by a GN (`layerK_norm`). :meth:`forward`
@@ -577,7 +577,7 @@ def _infer_config(state: dict[str, Tensor]) -> dict[str, Any]:
 
 @register_feature_map("latent_mae")
 class LatentMAEFeatureMap(FeatureMap):
-    """Mean/std features of the latent-MAE ResNet's stage outputs (section 3.1; the paper's SD-Turbo default).
+    """Mean/std features of the latent-MAE ResNet's stage outputs (docs/method.md §5; the paper's SD-Turbo default).
 
     Keys, for each stage K: `layerK_mean`, `layerK_std` (one token of dim C: the spatial mean and
     `sqrt(var + 1e-6)`), and `layerK_mean_p`, `layerK_std_p` for p in `patch_sizes` (one token per non-overlapping
@@ -646,7 +646,7 @@ class LatentMAEFeatureMap(FeatureMap):
 
 @register_feature_map("latent")
 class LatentFeatureMap(FeatureMap):
-    """The latents themselves (section 3.2; the paper's ablation, which collapses).
+    """The latents themselves (docs/method.md §5; the paper's ablation, which collapses).
 
     Keys: `latent` (one C-dim token per latent position), `latent_mean`, `latent_std`, `latent_mean_p`,
     `latent_std_p` for p in `patch_sizes`. All are the default.
@@ -718,7 +718,7 @@ def _processor_size(settings: dict[str, Any]) -> int | None:
 
 
 class PixelEncoderFeatureMap(FeatureMap):
-    """Features of a `transformers` vision transformer on the decoded images (sections 3.3-3.4).
+    """Features of a `transformers` vision transformer on the decoded images (docs/method.md §5).
 
     The latents are decoded *with gradient* by the generator (`decode_with_grad`, in chunks of
     `decode_chunk_size`), resized (bicubic, antialiased) to the encoder's input size, normalised with the model's
@@ -861,7 +861,7 @@ class PixelEncoderFeatureMap(FeatureMap):
 
 @register_feature_map("dinov2")
 class Dinov2FeatureMap(PixelEncoderFeatureMap):
-    """DINOv2 (`Dinov2Model`) on decoded pixels (section 3.3): default keys at every 3rd layer (3, 6, 9, 12)."""
+    """DINOv2 (`Dinov2Model`) on decoded pixels (docs/method.md §5): default keys at every 3rd layer (3, 6, 9, 12)."""
 
     model_class = "Dinov2Model"
     default_layer_stride = 3
@@ -873,9 +873,9 @@ class Dinov2FeatureMap(PixelEncoderFeatureMap):
 
 @register_feature_map("vit_mae")
 class ViTMAEFeatureMap(PixelEncoderFeatureMap):
-    """ViT-MAE encoder (`ViTMAEModel`) on decoded pixels (section 3.4): default keys of the last layer.
+    """ViT-MAE encoder (`ViTMAEModel`) on decoded pixels (docs/method.md §5): default keys of the last layer.
 
-    Loaded with `mask_ratio=0.0` and run with a fixed, identity patch order (section 11.4): the authors' path masks
+    Loaded with `mask_ratio=0.0` and run with a fixed, identity patch order (docs/method.md §8.4): the authors' path masks
     75% of the patches at random on every call, so the same image got different features each time.
     """
 

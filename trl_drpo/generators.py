@@ -1,7 +1,7 @@
 """One-step generators: the differentiable twin of `pipe(prompt, num_inference_steps=1, guidance_scale=0.0)`.
 
 DrPO regresses what the user's pipeline *serves*, so the trainer must differentiate through exactly the computation
-that the diffusers pipeline runs at inference (section 11.1 of the method notes). Diffusers pipelines run under
+that the diffusers pipeline runs at inference (docs/method.md, section 8.1). Diffusers pipelines run under
 `torch.no_grad()`, so this module re-expresses their single step with the pipeline's own pieces (its prompt encoder,
 its scheduler's timestep, input scaling and x0 arithmetic, its VAE post-processing), keeping the autograd graph.
 

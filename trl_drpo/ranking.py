@@ -1,7 +1,7 @@
 """Turning rewards into anchors: reward ensembles and positive / negative selection rules.
 
 Pure torch. Scores are ``(B, K)``: ``K`` candidates for each of ``B`` prompts. A reward is only ever used to rank
-candidates within one prompt's group (section 2.2 of the method document), so every rule here works per row.
+candidates within one prompt's group (docs/method.md, section 3), so every rule here works per row.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def zscore(scores: torch.Tensor, min_std: float = 1e-6) -> torch.Tensor:
 def reward_ensemble(
     scores: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float] | None = None
 ) -> torch.Tensor:
-    """Combine several rewards into one ranking score per candidate (section 2.2, `score_reward_ensemble`).
+    """Combine several rewards into one ranking score per candidate (docs/method.md §3, `score_reward_ensemble`).
 
     Each reward's ``(B, K)`` scores are z-scored within each prompt's group, then averaged with ``weights``
     normalised to sum to one. With a single reward the ranking is that reward's own.
@@ -114,7 +114,7 @@ def threshold_split(
     num_negatives: int,
     generator: torch.Generator | None = None,
 ) -> list[AnchorSelection | None]:
-    """Pass/fail rule for binary rewards (GenEval-style, section 2.2).
+    """Pass/fail rule for binary rewards (GenEval-style, docs/method.md §3).
 
     Candidates scoring ``>= threshold`` pass. Up to ``num_positives`` positives and ``num_negatives`` negatives are
     drawn at random from the pass and fail pools (with ``generator`` for reproducibility). A prompt with an empty
