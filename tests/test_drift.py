@@ -335,7 +335,7 @@ def test_the_generated_set_is_read_in_float32_and_never_gets_a_graph():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Self masking (docs/method.md §2 step 4, section 2.5)
+# Self masking (docs/method.md §2: the reference term masks each candidate against itself)
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -274,8 +274,8 @@ class DrPOTrainer(Trainer):
         timings: dict[str, float] = {}
         start = time.perf_counter()
 
-        # Phase (a): everything without gradient (docs/method.md §4), in chunks of `candidate_chunk_size` candidates per
-        # prompt so that its peak memory does not grow with K either. With one chunk (one graph over all K, the
+        # Phase (a): everything without gradient (docs/method.md §4), in chunks of `candidate_chunk_size` candidates
+        # a prompt so that its peak memory does not grow with K either. With one chunk (one graph over all K, the
         # memory-hungry mode) the candidates are generated with gradient once and that graph is reused by phase (b),
         # which saves a denoiser and a feature forward per candidate.
         gen = self.generator

@@ -261,7 +261,7 @@ def _top_level_blocks(denoiser: nn.Module) -> list[str]:
 
 @register_feature_map("denoiser")
 class DenoiserFeatureMap(FeatureMap):
-    """Block outputs of the frozen *base* denoiser (docs/method.md §5), the default feature space (docs/method.md §8.5).
+    """Block outputs of the frozen *base* denoiser, the default feature space (docs/method.md §5 and §8.5).
 
     The latents are perturbed with a fixed draw of `noise_scale * N(0, I)` (one draw of shape `(1, C, h, w)`
     from `seed`, shared by every row so that the features depend only on the latent, not on its batch position or
@@ -875,8 +875,8 @@ class Dinov2FeatureMap(PixelEncoderFeatureMap):
 class ViTMAEFeatureMap(PixelEncoderFeatureMap):
     """ViT-MAE encoder (`ViTMAEModel`) on decoded pixels (docs/method.md §5): default keys of the last layer.
 
-    Loaded with `mask_ratio=0.0` and run with a fixed, identity patch order (docs/method.md §8.4): the authors' path masks
-    75% of the patches at random on every call, so the same image got different features each time.
+    Loaded with `mask_ratio=0.0` and run with a fixed, identity patch order (docs/method.md §8.4): the authors' path
+    masks 75% of the patches at random on every call, so the same image got different features each time.
     """
 
     model_class = "ViTMAEModel"
