@@ -32,7 +32,7 @@ class DigitsScriptArguments:
     """Evaluation settings of the digit-world run."""
 
     eval_per_category: int = field(default=60, metadata={"help": "Held-out (caption, seed) pairs per category."})
-    eval_every: int = field(default=25, metadata={"help": "Optimizer updates between evaluations during training."})
+    eval_every: int = field(default=150, metadata={"help": "Optimizer updates between evaluations during training."})
     best_of_k: bool = field(default=True, metadata={"help": "Also evaluate best-of-K sampling of the base."})
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +177,59 @@ def test_summarize_gives_category_rates_their_mean_and_check_rates():
     table = digits.summarize(results)
     assert table["single_object"] == 50.0 and table["counting"] == 0.0 and table["overall"] == 25.0
     assert table["check_count"] == pytest.approx(200 / 3) and table["score"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------------- the base
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return digits.load_pipeline()
+
+
+def test_the_shipped_base_loads_offline_as_a_stable_diffusion_pipeline(pipe):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(os.path.join(digits.BASE_DIR, "tokenizer")))
+    weights = [f for _, _, files in os.walk(digits.BASE_DIR) for f in files if not f.endswith((".json", ".txt"))]
+    assert weights and all(f.endswith(".safetensors") for f in weights), "safetensors only, no pickles"
+
+
+def test_the_base_is_served_in_one_step_and_is_deterministic_per_seed(pipe):
+    def image(seed):
+        out = pipe("a red 3", num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(seed))
+        return np.asarray(out.images[0])
+
+    first = image(0)
+    assert first.shape == (32, 32, 3)
+    assert np.array_equal(first, image(0))
+    assert not np.array_equal(first, image(1))
+
+
+def test_the_trainer_generates_exactly_what_the_base_serves(pipe):
+    from trl_drpo.generators import OneStepGenerator
+
+    generator = OneStepGenerator.from_pipeline(pipe)
+    captions = ["a 3 to the left of a 7", "three 4s"]
+    noise = generator.make_noise(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = generator.sample(generator.encode_prompts(captions), noise)
+    served = pipe(captions, num_inference_steps=1, guidance_scale=0.0, latents=noise, output_type="latent").images
+    torch.testing.assert_close(trained, served, rtol=0, atol=1e-6)
+
+
+def test_the_base_draws_different_scenes_for_one_caption(pipe):
+    from trl_drpo.worlds.digits.evaluation import diversity
+
+    figure = diversity(pipe, balanced_prompts("test", 1), list(range(6)))
+    assert figure["generated"] > 0.5 * figure["ground_truth"]
+
+
+def test_the_base_follows_single_object_captions_and_leaves_room_elsewhere(pipe):
+    from trl_drpo.worlds.digits.evaluation import eval_cases, evaluate_pipeline
+
+    table = evaluate_pipeline(pipe, eval_cases(20))["verifier"]
+    assert table["single_object"] >= 60.0
+    assert 20.0 <= table["overall"] <= 65.0

@@ -161,3 +161,36 @@ def test_the_documented_cpu_smoke_commands_run_as_written(index, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "drpo-tiny" / LORA_WEIGHT_NAME).is_file()
+
+
+def test_the_digits_yaml_reproduces_the_digits_preset(tmp_path):
+    from trl import TrlParser
+
+    from trl_drpo import DrPOConfig
+
+    module = load_example("train_digits.py")
+    parser = TrlParser((module.DigitsScriptArguments, DrPOConfig))
+    parser.set_defaults(**PRESETS["digits"], output_dir="drpo-digits")
+    yaml_path = os.path.join(EXAMPLES, "configs", "digits.yaml")
+    _, config = parser.parse_args_and_config(["--config", yaml_path, "--output_dir", str(tmp_path)])
+    for name, value in PRESETS["digits"].items():
+        assert getattr(config, name) == value, name
+
+
+@pytest.mark.slow
+def test_the_digits_example_runs_its_documented_command_at_toy_length(tmp_path):
+    script = os.path.join(EXAMPLES, "train_digits.py")
+    docstring = open(script, encoding="utf-8").read()
+    assert "python examples/train_digits.py --config examples/configs/digits.yaml" in docstring
+    out = tmp_path / "out"
+    cmd = [sys.executable, script, "--config", os.path.join(EXAMPLES, "configs", "digits.yaml")]
+    # The documented run is 1500 updates (about 20 minutes); the same command, cut to two updates and a small eval.
+    cmd += ["--output_dir", str(out), "--max_steps", "2", "--eval_per_category", "4", "--eval_every", "1"]
+    cmd += ["--disable_tqdm", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((out / "digits_report.json").read_text())
+    assert {"base", "tuned", "best_of_k", "history", "table", "train_seconds"} <= set(report)
+    assert [entry["step"] for entry in report["history"]] == [1, 2]
+    assert (out / LORA_WEIGHT_NAME).is_file() and "| DrPO |" in (out / "digits_report.md").read_text()

@@ -94,8 +94,11 @@ def top_bottom_k(scores: torch.Tensor, num_positives: int, num_negatives: int) -
 
 
 def mean_split(scores: torch.Tensor) -> list[AnchorSelection | None]:
-    """Candidates above their prompt's mean score are positives, those below are negatives ("advsign" rule).
+    """Candidates above their prompt's mean score are positives, those below are negatives.
 
+    This is the sign of the advantage, with every anchor weighing the same. It is not the authors' "advsign"
+    variant, which also weighs each anchor by a softmax of its score (advantage-weighted regression) and drops the
+    reference term; here the anchor weights stay `positive_weight` / `negative_weight` and the reference term stays.
     A prompt whose scores are all equal carries no preference and yields None (skip it).
     """
     scores = _check_scores(scores)

@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -59,14 +60,12 @@ def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
     return pieces
 
 
-def word_tokenizer():
-    """A `CLIPTokenizer` whose BPE merges turn every word of the grammar into one token.
+def word_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's byte-level vocabulary plus whole-word tokens for every word of the grammar: `(vocab, merges)`.
 
-    CLIP's byte-level alphabet stays in the vocabulary, so any text tokenizes; the grammar's words get whole-word
-    tokens through a chain of merges, the way a trained BPE vocabulary holds frequent words.
+    The byte alphabet keeps any text tokenizable; each grammar word gets a whole-word token through a chain of BPE
+    merges, the way a trained BPE vocabulary holds frequent words.
     """
-    from transformers import CLIPTokenizer
-
     from ...testing import _bytes_to_unicode
 
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -83,6 +82,34 @@ def word_tokenizer():
             merges.append((pieces[0], pieces[1]))
             vocab.setdefault(pieces[0] + pieces[1], len(vocab))
             pieces = _bpe(word, merges)
+    return vocab, merges
+
+
+def save_tokenizer_files(path: str) -> None:
+    """Write the world's tokenizer as CLIP's files: ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json``."""
+    vocab, merges = word_vocabulary()
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as handle:
+        json.dump(vocab, handle, ensure_ascii=False)
+    with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MAX_TOKENS,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+
+
+def word_tokenizer():
+    """The world's `CLIPTokenizer` (see `word_vocabulary`), built in memory; 16 tokens per caption."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = word_vocabulary()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
 
 
@@ -147,6 +174,9 @@ def save_pipeline(path: str, components: dict[str, Any], tokenizer) -> None:
         **components, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.save_pretrained(path, safe_serialization=True)
+    # Real vocab/merges files, readable by any CLIP tokenizer, instead of the fast tokenizer's single JSON.
+    shutil.rmtree(os.path.join(path, "tokenizer"))
+    save_tokenizer_files(os.path.join(path, "tokenizer"))
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -294,7 +324,7 @@ def train_teacher(args, log: Log) -> None:
     _run("teacher", args.teacher_steps, step, optimizer, args.teacher_lr, log)
     unet.save_pretrained(os.path.join(args.output_dir, "teacher_unet"), safe_serialization=True)
     text_encoder.save_pretrained(os.path.join(args.output_dir, "text_encoder"), safe_serialization=True)
-    tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+    save_tokenizer_files(os.path.join(args.output_dir, "tokenizer"))
 
 
 def _load_teacher(args):
