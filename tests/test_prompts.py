@@ -39,7 +39,7 @@ def test_a_text_file_feeds_a_custom_prompt_column(tmp_path):
 def test_a_file_without_prompts_is_a_clear_error_naming_it(tmp_path, content):
     path = tmp_path / "empty.txt"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=r"'.*empty.txt' holds no prompts"):
+    with pytest.raises(ValueError, match=r"'.*empty.txt' is empty: it holds no prompts"):
         load_prompt_dataset(str(path))
 
 

@@ -357,6 +357,11 @@ def test_unsupported_pipeline_is_rejected_naming_the_supported_ones(tmp_path):
 
 def test_non_callable_reward_is_rejected(tmp_path):
     with pytest.raises(TypeError, match="not callable"):
+        DrPOTrainer(tiny_sd_pipeline(), 42, small_config(tmp_path), train_dataset=PROMPTS)
+
+
+def test_an_unknown_reward_name_lists_the_available_ones(tmp_path):
+    with pytest.raises(KeyError, match="Unknown reward 'pickscore-typo'.*pickscore"):
         DrPOTrainer(tiny_sd_pipeline(), "pickscore-typo", small_config(tmp_path), train_dataset=PROMPTS)
 
 

@@ -1,6 +1,6 @@
 """The embedded demo: DrPO aligns a real one-step text-to-image model to a black-box verifier, on a CPU.
 
-    python -m trl_drpo.demo [--output_dir drpo-demo] [--max_steps 150]      (or: make demo)
+    python -m trl_drpo.demo [--output_dir drpo-demo] [--max_steps 60]      (or: make demo)
 
 It loads the digit world's shipped base (`trl_drpo.worlds.digits`: a `StableDiffusionPipeline` pretrained in this
 project on scenes of real handwritten digits, served in one step like SD-Turbo), measures it on held-out captions and
@@ -53,7 +53,7 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_demo(output_dir: str = "drpo-demo", max_steps: int = 150, **overrides: Any) -> dict[str, Any]:
+def run_demo(output_dir: str = "drpo-demo", max_steps: int = 60, **overrides: Any) -> dict[str, Any]:
     """Train, evaluate and write the demo's artefacts (`ARTEFACTS`) to `output_dir`; returns `eval_metrics.json`'s
     content."""
     import matplotlib
@@ -118,7 +118,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="drpo-demo", help="Where to write the artefacts.")
-    parser.add_argument("--max_steps", type=int, default=150, help="Optimizer updates (a few seconds each on a CPU).")
+    parser.add_argument("--max_steps", type=int, default=60, help="Optimizer updates (a few seconds each on a CPU).")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     metrics = run_demo(args.output_dir, args.max_steps)

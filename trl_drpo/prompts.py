@@ -81,7 +81,7 @@ def check_prompt_dataset(dataset: Dataset | IterableDataset, prompt_column: str,
         isinstance(dataset, IterableDataset) and next(iter(dataset.take(1)), None) is None
     )
     if empty:
-        raise ValueError(f"{what} holds no prompts: DrPO needs at least one prompt to train on.")
+        raise ValueError(f"{what} is empty: it holds no prompts, and DrPO needs at least one to train on.")
 
 
 class PromptCollator:

@@ -174,6 +174,13 @@ def save_pipeline(path: str, components: dict[str, Any], tokenizer) -> None:
         **components, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.save_pretrained(path, safe_serialization=True)
+    for name in ("unet", "vae", "text_encoder"):  # where the weights came from is a local path: keep it out
+        config_path = os.path.join(path, name, "config.json")
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        config.pop("_name_or_path", None)
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
     # Real vocab/merges files, readable by any CLIP tokenizer, instead of the fast tokenizer's single JSON.
     shutil.rmtree(os.path.join(path, "tokenizer"))
     save_tokenizer_files(os.path.join(path, "tokenizer"))
