@@ -64,7 +64,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_steps": 1500,
         "logging_steps": 5,
         "save_strategy": "no",
-        "report_to": "none",
     },
 }
 
