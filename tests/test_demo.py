@@ -64,5 +64,5 @@ def test_demo_shows_a_progress_bar_and_prints_the_per_category_table(demo_run):
     assert re.search(r"2/2 \[", result.stderr), "tqdm progress bar"
     assert "reward=" in result.stderr, "the bar shows the current reward"
     for category in (*CATEGORIES[:5], "mean (6)"):
-        assert re.search(rf"{category}\s+\d+\.\d -> +\d+\.\d", result.stdout), (category, result.stdout)
+        assert re.search(rf"{re.escape(category)}\s+\d+\.\d -> +\d+\.\d", result.stdout), (category, result.stdout)
     assert "{'loss'" not in result.stdout + result.stderr, "no raw metric dicts on the console"
