@@ -36,9 +36,9 @@ class AccuracyCallback(TrainerCallback):
 
     def _record(self, step: int) -> None:
         began = time.time()
+        seconds = began - self._start - self._eval_seconds  # training time so far: earlier evaluations excluded
         result = evaluate_pipeline(self.pipe, self.cases)
         self._eval_seconds += time.time() - began
-        seconds = began - self._start - (self._eval_seconds - (time.time() - began))
         self.history.append({"step": step, "train_seconds": round(seconds, 1), **result})
 
     def on_step_end(self, args, state, control, **kwargs):
