@@ -24,13 +24,15 @@ import platform
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from trl_drpo.step import StepHooks
 
 
 COMPONENTS = ("generation", "decode", "reward", "features", "field", "backward")
@@ -322,3 +324,25 @@ def time_call(fn: Callable[[], Any], device: torch.device | str | None = None) -
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def benchmark_step(
+    rank_fn: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
+    meter: Meter | None = None,
+    saved: SavedTensorBytes | None = None,
+) -> tuple[Callable[[torch.Tensor, list[str]], tuple[torch.Tensor, torch.Tensor]], StepHooks]:
+    """The scorer and hooks with which the benchmarks run `trl_drpo.step`: a rank-only reward `rank_fn`
+    (`(B*K,)` scores, no gradient), `meter` around each component, `saved` counting each regenerated chunk's
+    activations, and random stand-in values wherever ranking and the field meet `meta` tensors (`real_or_random`)."""
+    stand_in = torch.Generator().manual_seed(0)
+
+    def materialize(tensor: torch.Tensor) -> torch.Tensor:
+        return real_or_random(tensor, stand_in)
+
+    def scorer(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Random weights may overflow to non-finite scores; ranking needs finite ones.
+        scores = torch.nan_to_num(materialize(rank_fn(images, prompts)).float().cpu())[None]
+        return scores, scores[0]
+
+    graph = {"graph": saved.graph} if saved is not None else {}
+    return scorer, StepHooks(meter=meter or NullMeter(), materialize=materialize, **graph)

@@ -35,12 +35,14 @@ import torch
 from trl_drpo.drift import DriftHyperparams
 from trl_drpo.features import LatentMAEResNet, build_feature_map
 from trl_drpo.generators import OneStepGenerator
+from trl_drpo.step import StepSettings, micro_step
 
 from .common import (
     COMPONENTS,
     CPUPeakMemory,
     Meter,
     NullMeter,
+    benchmark_step,
     fused_attention_on_meta,
     machine_info,
     median_dicts,
@@ -48,7 +50,6 @@ from .common import (
     torch_threads,
 )
 from .draft_baseline import DraftStepConfig, draft_step
-from .drpo_step import DrPOStepConfig, drpo_step
 from .models import PIPELINES, REWARDS, build_context, build_pipeline
 from .reward_models import RewardTower, build_reward
 
@@ -108,12 +109,12 @@ def build_features(method: str, generator: OneStepGenerator, tiny: bool = False)
     return build_feature_map(name, generator)
 
 
-def drpo_config(method: str, k: int = NUM_GENERATIONS, chunk: int | None = None, **kw: Any) -> DrPOStepConfig:
-    """`DrPOStepConfig` of a DrPO method at `k` candidates (anchors scaled down when k is small)."""
+def drpo_config(method: str, k: int = NUM_GENERATIONS, chunk: int | None = None, **kw: Any) -> StepSettings:
+    """`StepSettings` of a DrPO method at `k` candidates (anchors scaled down when k is small)."""
     spec = METHODS[method]
     anchors = min(spec["anchors"], k // 2)
     drift = DriftHyperparams(reference_loss_weight=spec["reference_loss_weight"])
-    return DrPOStepConfig(
+    return StepSettings(
         num_generations=k, num_positives=anchors, num_negatives=anchors, candidate_chunk_size=chunk, drift=drift, **kw
     )
 
@@ -144,8 +145,10 @@ def run_method(
     """One micro-step of `method` (one prompt, `k` candidates) under `meter`."""
     noise = torch.Generator().manual_seed(seed)
     if METHODS[method]["family"] == "drpo":
-        config = drpo_config(method, k, chunk, accumulation_steps=accumulation_steps)
-        return drpo_step(generator, features, reward.ranking_fn(), [PROMPT], config, meter, noise)
+        settings = drpo_config(method, k, chunk)
+        scorer, hooks = benchmark_step(reward.ranking_fn(), meter)
+        args = (generator, generator.denoiser, features, scorer, [PROMPT], settings, hooks, noise)
+        return micro_step(*args, accumulation_steps=accumulation_steps)[0]
     config = draft_config(method, k, chunk, accumulation_steps=accumulation_steps)
     return draft_step(generator, reward, [PROMPT], config, meter, noise)
 

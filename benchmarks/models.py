@@ -29,7 +29,7 @@ from transformers import (
     Qwen2VLModel,
 )
 
-from trl_drpo.testing import TINY_RESOLUTION, tiny_clip_tokenizer, turbo_scheduler
+from trl_drpo.tiny_pipelines import TINY_RESOLUTION, tiny_clip_tokenizer, turbo_scheduler
 
 
 PIPELINES = ("sd-turbo", "sdxl-turbo")

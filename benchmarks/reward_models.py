@@ -18,10 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from trl_drpo.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipStylePreprocessor
+from trl_drpo.rewards.base import ClipStylePreprocessor
 from trl_drpo.rewards.clip import clip_image_embeddings, clip_text_embeddings
-from trl_drpo.testing import tiny_clip_tokenizer
+from trl_drpo.tiny_pipelines import tiny_clip_tokenizer
 
 from .models import REAL_VLM, TINY_VLM, VLMSpec, clip_vit_h14, qwen2_vl_7b
 

@@ -25,21 +25,21 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from trl_drpo import step as drpo_step
 from trl_drpo.drift import DriftHyperparams, drpo_targets
 from trl_drpo.features import build_feature_map
 from trl_drpo.generators import OneStepGenerator
 
 from .common import (
     CPUPeakMemory,
-    NullMeter,
     SavedTensorBytes,
+    benchmark_step,
     fused_attention_on_meta,
     machine_info,
     peak_memory,
     torch_threads,
 )
 from .cost import PROMPT, build_generator
-from .drpo_step import DrPORollout, DrPOStepConfig, drpo_gradient_pass, drpo_rollout, targets_to_device
 
 
 FIELD_KS = (8, 16, 24, 32, 48, 64)
@@ -54,13 +54,13 @@ def anchors_for(k: int) -> int:
     return max(1, k // 3)
 
 
-def _step_config(k: int, chunk: int | None, reuse_rollout_graph: bool = True) -> DrPOStepConfig:
+def _step_config(k: int, chunk: int | None, reuse_rollout_graph: bool = True) -> drpo_step.StepSettings:
     """A micro-step at K candidates with `anchors_for(K)` positives and negatives, in chunks of `chunk`.
 
     `reuse_rollout_graph=False` makes the one-graph gradient pass regenerate its graph, so that the pass can be
     measured on its own, like a chunked one.
     """
-    return DrPOStepConfig(
+    return drpo_step.StepSettings(
         num_generations=k,
         num_positives=anchors_for(k),
         num_negatives=anchors_for(k),
@@ -232,15 +232,23 @@ def _memory_rows(
             config = _step_config(k, chunk_size)  # the trainer's step (one graph reuses the rollout's)
             isolated = _step_config(k, chunk_size, reuse_rollout_graph=False)
 
-            def step(config=config, generator=generator, fmap=fmap) -> None:
-                rollout = drpo_rollout(generator, fmap, _random_rank, [PROMPT], config, NullMeter())
-                drpo_gradient_pass(generator, fmap, rollout, config, NullMeter())
+            scorer, hooks = benchmark_step(_random_rank)
+
+            def step(config=config, generator=generator, fmap=fmap, scorer=scorer, hooks=hooks) -> None:
+                drpo_step.micro_step(generator, generator.denoiser, fmap, scorer, [PROMPT], config, hooks)
 
             step()  # warm-up: gradient buffers exist afterwards, so only activations are measured
-            rollout = drpo_rollout(generator, fmap, _random_rank, [PROMPT], isolated, NullMeter())
+            rollout = drpo_step.rollout(generator, generator.denoiser, fmap, scorer, [PROMPT], isolated, hooks)
             saved = SavedTensorBytes([generator.unwrapped_denoiser])
             with CPUPeakMemory() as gradient_pass:
-                drpo_gradient_pass(generator, fmap, rollout, isolated, NullMeter(), saved)
+                drpo_step.gradient_pass(
+                    generator,
+                    generator.denoiser,
+                    fmap,
+                    rollout,
+                    isolated,
+                    benchmark_step(_random_rank, saved=saved)[1],
+                )
             del rollout
             with CPUPeakMemory() as whole:
                 step()
@@ -256,8 +264,8 @@ def _memory_rows(
 
 
 def _synthetic_rollout(
-    generator: OneStepGenerator, fmap: Any, config: DrPOStepConfig, shapes: Mapping[str, tuple[int, int]]
-) -> DrPORollout:
+    generator: OneStepGenerator, fmap: Any, config: drpo_step.StepSettings, shapes: Mapping[str, tuple[int, int]]
+) -> drpo_step.Rollout:
     # On `meta` phase (a) yields random stand-in targets anyway (no values exist); building them directly from the
     # feature shapes gives phase (b) exactly the same graph without running the rollout.
     k = config.num_generations
@@ -273,8 +281,10 @@ def _synthetic_rollout(
         {key: torch.randn_like(v) for key, v in feats.items()},
         config.drift,
     )
-    targets = targets_to_device(targets, generator.device)
-    return DrPORollout(embeds=embeds, noise=noise, targets=[targets], num_prompts=1)
+    for terms in targets.terms.values():
+        for _, term in terms:
+            term.goal, term.sigma = term.goal.to(generator.device), term.sigma.to(generator.device)
+    return drpo_step.Rollout(embeds=embeds, noise=noise, targets=[targets])
 
 
 def memory_vs_k_meta(
@@ -295,7 +305,9 @@ def memory_vs_k_meta(
             rollout = _synthetic_rollout(generator, fmap, config, shapes)
             saved = SavedTensorBytes([generator.unwrapped_denoiser])
             with fused_attention_on_meta():
-                drpo_gradient_pass(generator, fmap, rollout, config, NullMeter(), saved)
+                drpo_step.gradient_pass(
+                    generator, generator.denoiser, fmap, rollout, config, benchmark_step(_random_rank, saved=saved)[1]
+                )
             rows.append({"k": k, "chunk": chunk_size, "saved_activation_bytes": saved.peak_bytes})
             gc.collect()
     return {
@@ -332,9 +344,10 @@ def memory_vs_k_gpu(
             config = _step_config(k, chunk_size, reuse_rollout_graph=False)  # the gradient pass on its own
             row: dict[str, Any] = {"k": k, "chunk": chunk_size}
             try:
-                rollout = drpo_rollout(generator, fmap, _random_rank, [PROMPT], config, NullMeter())
+                scorer, hooks = benchmark_step(_random_rank)
+                rollout = drpo_step.rollout(generator, generator.denoiser, fmap, scorer, [PROMPT], config, hooks)
                 with peak_memory(device) as probe:
-                    drpo_gradient_pass(generator, fmap, rollout, config, NullMeter())
+                    drpo_step.gradient_pass(generator, generator.denoiser, fmap, rollout, config, hooks)
                 row["gradient_pass_peak_bytes"] = probe.peak_bytes
                 del rollout
             except torch.OutOfMemoryError as error:

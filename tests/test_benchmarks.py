@@ -15,10 +15,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import cost, run_all, scaling  # noqa: E402
-from benchmarks.common import COMPONENTS, CPUPeakMemory, Meter, SavedTensorBytes, fused_attention_on_meta  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    COMPONENTS,
+    CPUPeakMemory,
+    Meter,
+    SavedTensorBytes,
+    benchmark_step,
+    fused_attention_on_meta,
+)
 from benchmarks.draft_baseline import DraftStepConfig, draft_step  # noqa: E402
-from benchmarks.drpo_step import DrPOStepConfig, drpo_gradient_pass, drpo_rollout, drpo_step  # noqa: E402
 from benchmarks.reward_models import build_reward  # noqa: E402
+from trl_drpo import step as drpo_step  # noqa: E402
 
 
 PROMPTS = ["a red apple", "a blue car"]
@@ -89,57 +96,20 @@ def test_drpo_chunked_gradient_pass_matches_one_graph_and_saves_less():
     grads, saved_bytes = [], []
     for chunk in (None, 2):
         zero_grads(generator)
-        config = cost.drpo_config("drpo", k=6, chunk=chunk)
-        saved = SavedTensorBytes([generator.unwrapped_denoiser])
-        rollout = drpo_rollout(
-            generator, fmap, reward.ranking_fn(), PROMPTS, config, None, torch.Generator().manual_seed(0), saved
+        # The one-graph pass regenerates its graph here, so that both passes are measured on their own.
+        settings = drpo_step.StepSettings(
+            **{**vars(cost.drpo_config("drpo", k=6, chunk=chunk)), "reuse_rollout_graph": False}
         )
-        drpo_gradient_pass(generator, fmap, rollout, config, None, saved)
+        saved = SavedTensorBytes([generator.unwrapped_denoiser])
+        scorer, hooks = benchmark_step(reward.ranking_fn(), saved=saved)
+        noise = torch.Generator().manual_seed(0)
+        rollout = drpo_step.rollout(generator, generator.denoiser, fmap, scorer, PROMPTS, settings, hooks, noise)
+        drpo_step.gradient_pass(generator, generator.denoiser, fmap, rollout, settings, hooks)
         grads.append(lora_grads(generator))
         saved_bytes.append(saved.peak_bytes)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert 0 < saved_bytes[1] < saved_bytes[0]
-
-
-@pytest.mark.parametrize("chunk", [2, None])
-def test_benchmark_drpo_step_reproduces_the_trainer_step(tmp_path, chunk):
-    """The instrumented step computes what `DrPOTrainer.training_step` computes: same loss, same LoRA gradient."""
-    from trl_drpo import DrPOTrainer
-    from trl_drpo.testing import tiny_drpo_config, tiny_sd_pipeline
-
-    tower = build_reward("pickscore", "cpu", tiny=True)
-    rank = tower.ranking_fn()
-
-    class Reward:
-        input_format = "pt"
-        __name__ = "tiny_clip"
-
-        def __call__(self, images, prompts):
-            return rank(images, prompts).tolist()
-
-    torch.manual_seed(0)
-    args = tiny_drpo_config(tmp_path, num_generations=6, num_positives=2, num_negatives=2, candidate_chunk_size=chunk)
-    trainer = DrPOTrainer(tiny_sd_pipeline(), Reward(), args, train_dataset=PROMPTS)
-    with torch.no_grad():  # non-zero LoRA B so that every LoRA weight gets a gradient
-        for name, p in trainer.generator.denoiser.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    trainer.create_optimizer()
-    trainer._noise_generator = lambda: torch.Generator().manual_seed(123)
-    expected_loss = trainer.training_step(trainer.model, trainer.data_collator([{"prompt": p} for p in PROMPTS]))
-    expected = lora_grads(trainer.generator)
-
-    zero_grads(trainer.generator)
-    config = DrPOStepConfig(
-        num_generations=6, num_positives=2, num_negatives=2, candidate_chunk_size=chunk, drift=trainer.drift_params
-    )
-    loss = drpo_step(
-        trainer.generator, trainer.feature_map, rank, PROMPTS, config, Meter(), torch.Generator().manual_seed(123)
-    )
-    torch.testing.assert_close(loss, expected_loss.detach().cpu(), rtol=1e-5, atol=1e-6)
-    for got, want in zip(lora_grads(trainer.generator), expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
 def test_vlm_patches_match_the_qwen2_vl_processor():

@@ -11,7 +11,9 @@ import pytest
 from trl_drpo import DrPOTrainer
 from trl_drpo.checkpoints import checkpoint_problems, latest_complete_checkpoint
 from trl_drpo.hub import LORA_WEIGHT_NAME
-from trl_drpo.testing import mean_brightness, tiny_drpo_config, tiny_sd_pipeline
+from trl_drpo.tiny_pipelines import tiny_sd_pipeline
+
+from kit import mean_brightness, tiny_drpo_config
 
 
 PROMPTS = ["a red apple", "a blue car"]

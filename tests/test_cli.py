@@ -15,7 +15,9 @@ from PIL import Image
 from trl_drpo import DrPOTrainer
 from trl_drpo.cli import main, render_images
 from trl_drpo.hub import LORA_WEIGHT_NAME
-from trl_drpo.testing import mean_brightness, tiny_drpo_config, tiny_sd_pipeline
+from trl_drpo.tiny_pipelines import tiny_sd_pipeline
+
+from kit import mean_brightness, tiny_drpo_config
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,7 @@ from trl_drpo.features import (
     build_feature_map,
 )
 from trl_drpo.generators import OneStepGenerator
-from trl_drpo.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from trl_drpo.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
 PIPELINES = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline}

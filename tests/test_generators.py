@@ -17,7 +17,7 @@ from trl_drpo.generators import (
     register_generator,
     unwrap_module,
 )
-from trl_drpo.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from trl_drpo.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
 PROMPTS = ["a photo of a cat", "a red bicycle"]

@@ -15,8 +15,10 @@ from huggingface_hub import ModelCard
 
 from trl_drpo import DrPOConfig, DrPOTrainer
 from trl_drpo.hub import LORA_WEIGHT_NAME, render_model_card
-from trl_drpo.testing import mean_brightness, tiny_drpo_config, tiny_sd_pipeline
-from trl_drpo.testing_hub import FakeHub, git_blob_sha1
+from trl_drpo.tiny_pipelines import tiny_sd_pipeline
+
+from fake_hub import FakeHub, git_blob_sha1
+from kit import mean_brightness, tiny_drpo_config, with_kit_on_path
 
 
 SECRET = "hf_secretTOKENdoNotLeak0123456789"
@@ -119,6 +121,14 @@ def test_card_quick_start_loads_the_adapter_onto_the_base_model(tmp_path):
     assert 'AutoPipelineForText2Image.from_pretrained("stabilityai/sd-turbo"' in text
     assert 'pipe.load_lora_weights("alice/sd-turbo-drpo")' in text
     assert "num_inference_steps=1, guidance_scale=0.0" in text
+
+
+def test_card_links_a_hub_base_and_names_a_folder_base_without_a_link(tmp_path):
+    assert "[stabilityai/sd-turbo](https://huggingface.co/stabilityai/sd-turbo)" in str(render(tmp_path))
+    folder = tiny_sd_pipeline()
+    folder.register_to_config(_name_or_path=str(tmp_path / "my-base"))
+    text = str(render(tmp_path, pipeline=folder))
+    assert "](#)" not in text and "A LoRA adapter for my-base, preference-tuned" in text
 
 
 def test_card_quick_start_uses_the_repo_the_trainer_pushed_to(tmp_path):
@@ -269,7 +279,8 @@ import sys, torch
 from safetensors.torch import save_file
 from trl_drpo import DrPOConfig, DrPOTrainer
 from trl_drpo.hub import save_sample_grid
-from trl_drpo.testing import mean_brightness, tiny_drpo_config, tiny_sd_pipeline
+from kit import mean_brightness, tiny_drpo_config
+from trl_drpo.tiny_pipelines import tiny_sd_pipeline
 
 out, secret = sys.argv[1], sys.argv[2]
 config = tiny_drpo_config(out, learning_rate=3e-2, eval_prompts=["a house", "a tree"], eval_seeds=[1, 2],
@@ -290,7 +301,8 @@ save_file({"noise": noise.contiguous(), "tuned": tuned.contiguous()}, out + "/..
 PULL_SCRIPT = """
 import sys
 from safetensors.torch import load_file, save_file
-from trl_drpo.testing import mean_brightness, tiny_drpo_config, tiny_sd_pipeline
+from kit import mean_brightness, tiny_drpo_config
+from trl_drpo.tiny_pipelines import tiny_sd_pipeline
 
 expected = load_file(sys.argv[1])
 pipe = tiny_sd_pipeline()
@@ -319,6 +331,7 @@ def test_push_to_hub_then_load_lora_weights_from_the_hub_reproduces_the_tuned_im
     with FakeHub() as hub:
         base_env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING"))}
         env = {**base_env, **hub.env(tmp_path / "hf_home", token="hf_dummy_env_token"), "OMP_NUM_THREADS": "1"}
+        env = with_kit_on_path(env)
         pushed = _run("push", PUSH_SCRIPT, [str(tmp_path / "out"), SECRET], env, tmp_path)
         # A fresh process with an empty cache: everything it loads comes over HTTP.
         pull_env = {**env, "HF_HOME": str(tmp_path / "hf_home_pull")}

@@ -40,7 +40,7 @@ from trl_drpo.rewards.image_reward import (
     ImageRewardModel,
     blip_text_config_from_med_config,
 )
-from trl_drpo.testing import tiny_clip_tokenizer
+from trl_drpo.tiny_pipelines import tiny_clip_tokenizer
 
 
 PROMPTS = ["a red cat", "a red cat", "a blue dog"]
@@ -680,7 +680,9 @@ def test_reward_rejects_a_prompt_count_that_does_not_match_the_images():
 
 def test_a_builtin_model_reward_by_name_drives_a_short_drpo_trainer_run(clip_dir, tmp_path):
     from trl_drpo import DrPOTrainer
-    from trl_drpo.testing import tiny_drpo_config, tiny_sd_pipeline
+    from trl_drpo.tiny_pipelines import tiny_sd_pipeline
+
+    from kit import tiny_drpo_config
 
     funcs, weights = load_rewards(
         [{"name": "clip_score", "model_name_or_path": clip_dir, "device": "cpu"}, "jpeg_compressibility"]

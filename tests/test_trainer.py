@@ -15,7 +15,9 @@ from datasets import Dataset
 from trl_drpo import DrPOTrainer
 from trl_drpo.hub import LORA_WEIGHT_NAME
 from trl_drpo.rewards import JpegCompressibility
-from trl_drpo.testing import mean_brightness, tiny_drpo_config, tiny_sd_pipeline, tiny_sdxl_pipeline
+from trl_drpo.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+from kit import mean_brightness, tiny_drpo_config, with_kit_on_path
 
 
 PROMPTS = ["a red apple", "a blue car", "a green tree", "a yellow bird"]
@@ -381,7 +383,8 @@ import sys
 from safetensors.torch import save_file
 from trl_drpo import DrPOTrainer
 from trl_drpo.scoring import to_pil
-from trl_drpo.testing import mean_brightness, tiny_drpo_config, tiny_sd_pipeline
+from kit import mean_brightness, tiny_drpo_config
+from trl_drpo.tiny_pipelines import tiny_sd_pipeline
 
 scored = []
 
@@ -415,7 +418,7 @@ def test_two_process_accelerate_launch_keeps_adapters_identical_and_shards_evalu
     script.write_text(DISTRIBUTED_SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = with_kit_on_path({**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     cmd = [
         sys.executable,
         "-m",
@@ -472,6 +475,13 @@ def test_gradient_checkpointing_goes_through_diffusers_and_keeps_the_gradient(tm
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_checkpointing_leaves_the_users_config_as_it_was(tmp_path):
+    config = small_config(tmp_path, gradient_checkpointing=True)
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+    assert config.gradient_checkpointing is True and trainer.args is not config
+    assert trainer.generator.unwrapped_denoiser.is_gradient_checkpointing
 
 
 def test_bf16_autocast_keeps_trainable_weights_in_fp32(tmp_path):

@@ -11,7 +11,7 @@ win over the file), exactly like the example scripts; on several GPUs run it thr
 `sample` and `evaluate` render fixed-seed images with the pipeline itself (one step, no guidance), base model and
 adapter with the same initial noise, following the trainer's protocol: image ``(seed, i)`` starts from the noise
 seeded with ``seed * 10**6 + i``. ``--model_name_or_path trl-drpo/tiny-sd`` (or ``trl-drpo/tiny-sdxl``) selects the
-tiny offline pipeline of `trl_drpo.testing` instead of a Hub id or local folder.
+tiny offline pipeline of `trl_drpo.tiny_pipelines` instead of a Hub id or local folder.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 
 TINY_MODELS = {"trl-drpo/tiny-sd": "tiny_sd_pipeline", "trl-drpo/tiny-sdxl": "tiny_sdxl_pipeline"}
-"""Model names that select the tiny offline pipelines of `trl_drpo.testing` (for tests and CPU smoke runs)."""
+"""Model names that select the tiny offline pipelines of `trl_drpo.tiny_pipelines` (for tests and CPU smoke runs)."""
 
 SAMPLE_GRID_NAME = "samples.png"
 
@@ -156,11 +156,12 @@ def resolve_dtype(
         if bf16:
             return torch.bfloat16
         return torch.float16 if device is not None and str(device).startswith("cuda") else torch.float32
-    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
-    dtype = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"Unknown torch_dtype {name!r}: use auto, float32, float16 or bfloat16.")
-    return dtype
+    from .devices import parse_dtype
+
+    try:
+        return parse_dtype(name)
+    except ValueError:
+        raise ValueError(f"Unknown torch_dtype {name!r}: use auto, float32, float16 or bfloat16.") from None
 
 
 def load_pipeline(
@@ -174,9 +175,9 @@ def load_pipeline(
     if model_name_or_path in TINY_MODELS:
         import torch
 
-        from . import testing
+        from . import tiny_pipelines
 
-        pipe = getattr(testing, TINY_MODELS[model_name_or_path])()  # float32 weights
+        pipe = getattr(tiny_pipelines, TINY_MODELS[model_name_or_path])()  # float32 weights
         return pipe.to(dtype=torch_dtype) if torch_dtype not in (None, torch.float32) else pipe
     from diffusers import DiffusionPipeline
 
@@ -217,10 +218,10 @@ def render_images(
     protocol of `DrPOTrainer.render`, so base, adapter and training-time evaluation images are comparable."""
     import torch
 
-    from .generators import OneStepGenerator
+    from .generators import OneStepGenerator, evaluation_seed
 
     generator = OneStepGenerator.from_pipeline(pipe, resolution=resolution)
-    jobs = [(prompt, seed * 10**6 + i) for seed in seeds for i, prompt in enumerate(prompts)]
+    jobs = [(prompt, evaluation_seed(seed, i)) for seed in seeds for i, prompt in enumerate(prompts)]
     images = []
     for begin in range(0, len(jobs), batch_size):
         chunk = jobs[begin : begin + batch_size]
@@ -239,14 +240,10 @@ def render_images(
     return torch.cat(images)
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load_for_generation(args: GenerationArguments) -> Any:
-    device = args.device or _default_device()
+    from .devices import default_device
+
+    device = args.device or str(default_device())
     dtype = resolve_dtype(args.torch_dtype, device=device)
     pipe = load_pipeline(
         args.model_name_or_path, torch_dtype=dtype, variant=args.variant, revision=args.model_revision
@@ -322,6 +319,7 @@ def train(script_args: TrainScriptArguments, config: DrPOConfig) -> DrPOTrainer:
 def sample(args: SampleArguments) -> dict[str, Any]:
     """Render the prompts with fixed seeds and write PNGs (``tuned/`` with an adapter, ``base/`` without one or with
     ``compare``), a grid and ``manifest.json`` to ``args.output_dir``. Returns the manifest."""
+    from .generators import evaluation_seed
     from .scoring import to_pil
     from .visualization import save_image_grid
 
@@ -336,7 +334,7 @@ def sample(args: SampleArguments) -> dict[str, Any]:
 
     os.makedirs(args.output_dir, exist_ok=True)
     records = [
-        {"prompt": prompt, "seed": seed, "index": i, "noise_seed": seed * 10**6 + i}
+        {"prompt": prompt, "seed": seed, "index": i, "noise_seed": evaluation_seed(seed, i)}
         for seed in args.seeds
         for i, prompt in enumerate(prompts)
     ]
@@ -395,7 +393,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
         "num_prompts": len(prompts),
         "seeds": list(args.seeds),
         "num_images": len(repeated),
-        "rewards": {name: weight / sum(rewards.weights) for name, weight in zip(rewards.names, rewards.weights)},
+        "rewards": dict(zip(rewards.names, rewards.normalized_weights)),
         "base": base,
     }
     per_image = [

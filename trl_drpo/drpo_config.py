@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainingArguments
 
 from .drift import DriftHyperparams, canonical_kernel
 from .ranking import SELECTION_RULES
+
+
+if TYPE_CHECKING:
+    from .step import StepSettings
 
 
 _PAPER_RADII = [0.02, 0.05, 0.2]
@@ -330,7 +334,23 @@ class DrPOConfig(TrainingArguments):
     @property
     def one_graph(self) -> bool:
         """Whether a step keeps one graph over all K candidates (no `candidate_chunk_size` below K)."""
-        return (self.candidate_chunk_size or self.num_generations) >= self.num_generations
+        return self.step_settings.one_graph
+
+    @property
+    def step_settings(self) -> StepSettings:
+        """The numbers of one micro-step as `trl_drpo.step` takes them."""
+        from .step import StepSettings  # the step module imports diffusers; the config stays light to import
+
+        return StepSettings(
+            num_generations=self.num_generations,
+            num_positives=self.num_positives,
+            num_negatives=self.num_negatives,
+            anchor_selection=self.anchor_selection,
+            selection_threshold=self.selection_threshold,
+            candidate_chunk_size=self.candidate_chunk_size,
+            decode_chunk_size=self.decode_chunk_size,
+            drift=self.drift_hyperparams,
+        )
 
     @property
     def drift_hyperparams(self) -> DriftHyperparams:

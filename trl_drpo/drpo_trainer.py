@@ -9,8 +9,8 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,10 +20,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from .checkpoints import checkpoint_problems, latest_complete_checkpoint
-from .drift import DrPOTargets, drpo_targets_from_anchors, regression_loss
+from .drift import DrPOTargets
 from .drpo_config import DrPOConfig
 from .features import build_feature_map
-from .generators import OneStepGenerator, map_rows
+from .generators import OneStepGenerator, evaluation_seed
 from .hub import (
     LORA_WEIGHT_NAME,
     check_card_is_ours,
@@ -33,14 +33,28 @@ from .hub import (
     save_adapter,
 )
 from .prompts import PromptCollator, load_prompt_dataset
-from .ranking import reward_ensemble, select_anchors
 from .scoring import RewardFunctions, to_pil
+from .step import StepHooks, micro_step
 from .visualization import image_grid
 
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "drpo_config.json"
+# The step's components (`trl_drpo.step.StepHooks.meter` names), summed into the phases logged as `timing/<phase>`.
+_TIMING_PHASES = {
+    "generation/text": "rollout",
+    "generation/rollout": "rollout",
+    "generation/reference": "rollout",
+    "decode": "rollout",
+    "reward": "reward",
+    "features/rollout": "field",
+    "features/reference": "field",
+    "field": "field",
+    "generation/regenerate": "backward",
+    "features/regenerate": "backward",
+    "backward": "backward",
+}
 _DEEPSPEED_CHUNK_ERROR = (
     "DeepSpeed steps its engine on every backward call, so the chunked gradient pass cannot run under it: set "
     "candidate_chunk_size=None (one graph over all candidates) with DeepSpeed."
@@ -191,6 +205,7 @@ class DrPOTrainer(Trainer):
         # through diffusers' own API and take the flag off the arguments so the Trainer does not try again.
         if args.activation_checkpointing or args.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
+            args = copy.deepcopy(args)  # the user's config keeps its flags; only the Trainer's copy loses them
             args.activation_checkpointing = args.gradient_checkpointing = False
 
         super().__init__(
@@ -215,7 +230,7 @@ class DrPOTrainer(Trainer):
             args.feature_map, self.generator, keys=args.feature_keys, **(args.feature_map_kwargs or {})
         )
         self.feature_map.to(self.accelerator.device)
-        self.drift_params = args.drift_hyperparams
+        self.step_settings = args.step_settings
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._micro_step = [-1, 0]
         self._images_logged_step = -1
@@ -270,131 +285,48 @@ class DrPOTrainer(Trainer):
         args = self.args
         prompts = list(inputs["prompt"])
         columns = {key: value for key, value in inputs.items() if key != "prompt"}
-        num_prompts, k = len(prompts), args.num_generations
-        timings: dict[str, float] = {}
+        k = args.num_generations
+        timings: dict[str, float] = defaultdict(float)
         start = time.perf_counter()
 
-        # Phase (a): everything without gradient (docs/method.md §4), in chunks of `candidate_chunk_size` candidates
-        # a prompt so that its peak memory does not grow with K either. With one chunk (one graph over all K, the
-        # memory-hungry mode) the candidates are generated with gradient once and that graph is reused by phase (b),
-        # which saves a denoiser and a feature forward per candidate.
-        gen = self.generator
-        one_graph = args.one_graph
-        rows = (args.candidate_chunk_size or k) * num_prompts
-        with torch.no_grad():
-            embeds = gen.encode_prompts(prompts).repeat_interleave(k)
-            noise = gen.make_noise(num_prompts * k, self._noise_generator())
-        with self.compute_loss_context_manager():
-            if one_graph:
-                latents = gen.one_step(model, embeds, noise)
-            else:
-                with torch.no_grad():
-                    latents = map_rows(lambda r: gen.sample(embeds.select(r), noise[r]), len(noise), rows)
-            reference = None
-            if self.drift_params.reference_loss_weight > 0:
-                reference = map_rows(lambda r: gen.reference(embeds.select(r), noise[r]), len(noise), rows)
-        with torch.no_grad():
-            images = gen.decode(latents.detach(), chunk_size=args.decode_chunk_size or rows)
-        timings["rollout"] = time.perf_counter() - start
+        def scorer(images: torch.Tensor, repeated: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            repeated_columns = {c: [v for v in values for _ in range(k)] for c, values in columns.items()}
+            scores = self.reward_funcs(images, repeated, repeated_columns)  # (rewards, B*K)
+            return scores, self.reward_funcs.ranking(scores, len(prompts), raw=args.anchor_selection == "threshold")
 
-        tick = time.perf_counter()
-        repeated_prompts = [p for p in prompts for _ in range(k)]
-        repeated_columns = {c: [v for v in values for _ in range(k)] for c, values in columns.items()}
-        scores = self.reward_funcs(images, repeated_prompts, repeated_columns)  # (rewards, B*K)
-        if args.anchor_selection == "threshold":
-            # A pass mark is a raw score (GenEval's pass is 1.0): z-scores would move it with each group's spread.
-            ranking = self.reward_funcs.combine(scores).view(num_prompts, k)
-        else:
-            ranking = reward_ensemble([s.view(num_prompts, k) for s in scores], self.reward_funcs.weights)
-        selections = select_anchors(
-            ranking,
-            args.anchor_selection,
-            args.num_positives,
-            args.num_negatives,
-            args.selection_threshold,
-            generator=self._noise_generator(),
+        @contextmanager
+        def meter(name: str) -> Iterator[None]:
+            tick = time.perf_counter()
+            yield
+            timings[_TIMING_PHASES[name]] += time.perf_counter() - tick
+
+        hooks = StepHooks(
+            meter=meter,
+            autocast=self.compute_loss_context_manager,
+            backward=self.accelerator.backward,
+            no_sync=lambda: self.accelerator.no_sync(model),
         )
-        timings["reward"] = time.perf_counter() - tick
-
-        tick = time.perf_counter()
-        with self.compute_loss_context_manager():
-            with torch.set_grad_enabled(one_graph):
-                graph_features = self.feature_map.per_prompt(latents, embeds, num_prompts, rows)
-            with torch.no_grad():
-                ref_features = None
-                if reference is not None:
-                    ref_features = self.feature_map.per_prompt(reference, embeds, num_prompts, rows)
-        features = {key: value.detach() for key, value in graph_features.items()}
-        targets = drpo_targets_from_anchors(features, ref_features, selections, self.drift_params)
-        timings["field"] = time.perf_counter() - tick
-
-        # Phase (b): regress the candidates' features onto their targets: on the rollout's graph, or by regenerating
-        # the candidates with gradient chunk by chunk.
-        tick = time.perf_counter()
-        if one_graph:
-            loss = self._one_graph_pass(latents, graph_features, targets)
-        else:
-            loss = self._gradient_pass(model, embeds, noise, targets)
-        timings["backward"] = time.perf_counter() - tick
+        accumulation = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+        loss, rollout = micro_step(
+            self.generator,
+            model,
+            self.feature_map,
+            scorer,
+            prompts,
+            self.step_settings,
+            hooks,
+            noise_generator=self._noise_generator(),
+            selection_generator=self._noise_generator(),
+            accumulation_steps=accumulation,
+        )
         timings["step"] = time.perf_counter() - start
 
-        self._record_step(scores, targets, timings)
+        self._record_step(rollout.scores, rollout.targets, timings)
         step = self.state.global_step
         if args.log_images_steps and step % args.log_images_steps == 0 and self._images_logged_step != step:
             self._images_logged_step = step
-            self._log_images(images[:k], scores[:, :k], prompts[0])
+            self._log_images(rollout.images[:k], rollout.scores[:, :k], prompts[0])
         return loss
-
-    def _loss_weight(self, targets: list[DrPOTargets | None]) -> tuple[list[int], float]:
-        """The prompts with targets, and the weight of each one's loss in the optimizer update's mean."""
-        active = [b for b, target in enumerate(targets) if target is not None]
-        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        return active, (1.0 / (len(active) * accumulation) if active else 0.0)
-
-    def _one_graph_pass(
-        self, latents: torch.Tensor, feats: dict[str, torch.Tensor], targets: list[DrPOTargets | None]
-    ) -> torch.Tensor:
-        active, weight = self._loss_weight(targets)
-        if active:
-            index = torch.tensor(active, device=latents.device)
-            loss = weight * regression_loss(targets, {key: value[index] for key, value in feats.items()}, active)
-        else:
-            # No usable preference: a zero-weight backward still lets every rank take part in the all-reduce.
-            loss = 0.0 * latents.float().sum()
-        self.accelerator.backward(loss)
-        return loss.detach()
-
-    def _gradient_pass(
-        self,
-        model: torch.nn.Module,
-        embeds: Any,
-        noise: torch.Tensor,
-        targets: list[DrPOTargets | None],
-    ) -> torch.Tensor:
-        k = self.args.num_generations
-        chunk = self.args.candidate_chunk_size or k
-        active, weight = self._loss_weight(targets)
-        # A micro-batch without any usable preference still runs one forward/backward with zero weight, so that
-        # every rank takes part in the gradient all-reduce.
-        rows = active or [0]
-        starts = list(range(0, k, chunk))
-        total = torch.zeros((), device=self.accelerator.device)
-        for index, begin in enumerate(starts):
-            end = min(begin + chunk, k)
-            ids = torch.tensor([b * k + j for b in rows for j in range(begin, end)])
-            last = index == len(starts) - 1
-            sync = nullcontext() if last else self.accelerator.no_sync(model)
-            with sync:
-                with self.compute_loss_context_manager():
-                    latents = self.generator.one_step(model, embeds.select(ids), noise[ids.to(noise.device)])
-                    feats = self.feature_map.per_prompt(latents, embeds.select(ids), len(rows))
-                if active:
-                    loss = weight * regression_loss(targets, feats, rows, begin)
-                else:
-                    loss = 0.0 * latents.float().sum()
-                self.accelerator.backward(loss)
-            total = total + loss.detach()
-        return total
 
     # ------------------------------------------------------------------------------------------------------------
     # Metrics and logging
@@ -473,7 +405,9 @@ class DrPOTrainer(Trainer):
         """Images for ``(seed, prompt index)`` pairs, in order (see :meth:`render`)."""
         gen = self.generator
         embeds = gen.encode_prompts(list(prompts))
-        noise = torch.cat([gen.make_noise(1, torch.Generator().manual_seed(seed * 10**6 + i)) for seed, i in pairs])
+        noise = torch.cat(
+            [gen.make_noise(1, torch.Generator().manual_seed(evaluation_seed(seed, i))) for seed, i in pairs]
+        )
         ids = torch.tensor([i for _, i in pairs])
         chunk = self.args.decode_chunk_size or len(ids)
         images = []

@@ -120,6 +120,12 @@ class PromptEmbeds:
         return cls(**out)
 
 
+def evaluation_seed(seed: int, index: int) -> int:
+    """The noise seed of image ``(seed, index)`` in an evaluation: ``seed * 10**6 + index``, the paper's protocol, so
+    the prompt at `index` gets the same noise under a given seed whatever else is evaluated with it."""
+    return int(seed) * 10**6 + int(index)
+
+
 def map_rows(fn: Callable[[slice], Any], total: int, size: int) -> Any:
     """``fn`` over consecutive row slices of at most ``size`` rows, outputs concatenated along rows (tensors, or
     dicts of tensors)."""
@@ -299,7 +305,6 @@ class OneStepGenerator:
         self.vae: nn.Module = pipeline.vae
         self.vae_scale_factor: int = int(pipeline.vae_scale_factor)
         self.resolution: int = int(resolution) if resolution is not None else self._default_resolution()
-        self.decode_chunk_size: int | None = None
         self._reference_denoiser: nn.Module | None = None
         self._vae_fp32: nn.Module | None = None
         self._steps: dict[str, _SingleStep] = {}
@@ -602,8 +607,7 @@ class OneStepGenerator:
         Args:
             latents: `(B, C, h, w)` latents from :meth:`sample` / :meth:`reference`.
             output_type: `"pt"` for a float32 tensor `(B, 3, H, W)` in [0, 1], `"pil"` for a list of PIL images.
-            chunk_size: decode at most this many latents at once (VAE memory); default :attr:`decode_chunk_size`,
-                or all at once.
+            chunk_size: decode at most this many latents at once (VAE memory); None decodes all at once.
             requires_grad: keep the graph back to `latents` (pixel feature maps). Only with `output_type="pt"`;
                 the SDXL invisible watermark, a non-differentiable post-process, is then skipped.
 
@@ -613,7 +617,7 @@ class OneStepGenerator:
             raise ValueError(f"output_type must be 'pt' or 'pil', got {output_type!r}.")
         if requires_grad and output_type != "pt":
             raise ValueError("A differentiable decode needs output_type='pt'.")
-        chunk_size = chunk_size or self.decode_chunk_size or latents.shape[0]
+        chunk_size = chunk_size or latents.shape[0]
         grad_context = contextlib.nullcontext() if requires_grad else torch.no_grad()
         with grad_context:
             images = torch.cat(

@@ -246,7 +246,7 @@ def render_model_card(
         repo_id=repo_id,
         base_model_id=base or "<base model id or path>",
         base_model_display=base or "a one-step text-to-image pipeline",
-        base_model_url=f"https://huggingface.co/{base_hub_id}" if base_hub_id else "#",
+        base_model_url=f"https://huggingface.co/{base_hub_id}" if base_hub_id else None,
         rewards=[(name, weight / total) for name, weight in zip(reward_names, reward_weights)],
         metrics=metrics,
         eval_seeds=list(getattr(args, "eval_seeds", []) or []),

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .ranking import reward_ensemble
+
 
 def to_pil(images: torch.Tensor) -> list:
     """``(N, 3, H, W)`` float images in [0, 1] -> uint8 PIL images, the way diffusers pipelines return them."""
@@ -119,8 +121,23 @@ class RewardFunctions:
     def combine(self, scores: torch.Tensor) -> torch.Tensor:
         """The raw scores ``(num_rewards, N)`` weighted into one value per image (weights normalised to sum to one):
         the logged `reward`. Ranking uses z-scored scores instead (`trl_drpo.ranking.reward_ensemble`)."""
-        weights = torch.tensor(self.weights, dtype=scores.dtype) / sum(self.weights)
+        weights = torch.tensor(self.normalized_weights, dtype=scores.dtype)
         return (weights[:, None] * scores).sum(0)
+
+    @property
+    def normalized_weights(self) -> list[float]:
+        """The reward weights scaled to sum to one (the weights of `combine`, the card and the CLI report)."""
+        total = sum(self.weights)
+        return [weight / total for weight in self.weights]
+
+    def ranking(self, scores: torch.Tensor, num_prompts: int, raw: bool = False) -> torch.Tensor:
+        """The ``(num_prompts, K)`` values each prompt's K candidates are ranked by, from ``(num_rewards,
+        num_prompts * K)`` raw scores (prompt-major): the weighted sum of per-prompt z-scores
+        (`trl_drpo.ranking.reward_ensemble`, docs/method.md §3), or with ``raw=True`` the weighted raw scores
+        (`combine`), as a pass mark needs: z-scores would move it with each group's spread."""
+        if raw:
+            return self.combine(scores).view(num_prompts, -1)
+        return reward_ensemble([row.view(num_prompts, -1) for row in scores], self.weights)
 
     @property
     def wants_pil(self) -> bool:

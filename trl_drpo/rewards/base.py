@@ -19,13 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from ..devices import default_device, parse_dtype
+from ..scoring import to_pil
 
 
 ImageBatch = Union[Sequence[Image.Image], Sequence[torch.Tensor], Sequence[np.ndarray], torch.Tensor, np.ndarray]
 """What a reward accepts: PIL images, (3, H, W) tensors, (H, W, 3) uint8 arrays, or a (B, 3, H, W) tensor in [0, 1]."""
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -81,11 +82,7 @@ def to_pil_images(images: ImageBatch) -> list[Image.Image]:
     """Images of any accepted kind -> RGB PIL images (uint8 rounding, as diffusers pipelines do)."""
     if isinstance(images, Sequence) and all(isinstance(image, Image.Image) for image in images):
         return [image.convert("RGB") for image in images]
-    pils = []
-    for tensor in iter_pixel_tensors(images):
-        array = (tensor.detach().float().cpu() * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        pils.append(Image.fromarray(array))
-    return pils
+    return [to_pil(tensor[None])[0] for tensor in iter_pixel_tensors(images)]
 
 
 def num_images(images: ImageBatch) -> int:
@@ -312,21 +309,6 @@ def load_json(path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def default_device() -> torch.device:
-    """The current CUDA device when there is one (each process's own under Accelerate), else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-_DTYPE_ALIASES = {"fp16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _parse_dtype(name: str) -> torch.dtype:
-    dtype = _DTYPE_ALIASES.get(name.lower(), getattr(torch, name.lower().removeprefix("torch."), None))
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"Unknown dtype {name!r}; use e.g. 'float16', 'bfloat16' or 'float32'.")
-    return dtype
-
-
 class Reward:
     """Base of every built-in reward: ``reward(images, prompts) -> list[float]``, one score per image.
 
@@ -420,7 +402,7 @@ class PretrainedReward(Reward):
         self.model_name_or_path = os.fspath(model_name_or_path or self.default_model_name_or_path)
         self.device = torch.device(device) if device is not None else default_device()
         if isinstance(dtype, str):
-            dtype = _parse_dtype(dtype)
+            dtype = parse_dtype(dtype)
         if dtype is None:
             dtype = self.gpu_dtype if self.device.type == "cuda" else torch.float32
         self.dtype: torch.dtype = dtype

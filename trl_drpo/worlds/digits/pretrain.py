@@ -66,10 +66,10 @@ def word_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     The byte alphabet keeps any text tokenizable; each grammar word gets a whole-word token through a chain of BPE
     merges, the way a trained BPE vocabulary holds frequent words.
     """
-    from ...testing import _bytes_to_unicode
+    from ...tiny_pipelines import bytes_to_unicode
 
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in _bytes_to_unicode():
+    for char in bytes_to_unicode():
         vocab[char] = len(vocab)
         vocab[char + "</w>"] = len(vocab)
     words = ["a", "an", "and", "of", "to", "the", *COLORS, *COUNT_WORDS.values()]

@@ -1,4 +1,5 @@
-"""Tiny, offline diffusers pipelines with random weights for tests, examples and the demo.
+"""Tiny, offline diffusers pipelines with random weights: the CLI's `tiny-sd` / `tiny-sdxl` models, CPU smoke
+runs, the benchmarks and the tests.
 
 Nothing here touches the network: every model is built from a small config, and the CLIP tokenizer is built in
 memory from a byte-level vocabulary. The pipelines are real `StableDiffusionPipeline` /
@@ -20,8 +21,9 @@ _TEXT_HIDDEN = 32
 _VOCAB_SIZE = 1000
 
 
-def _bytes_to_unicode() -> list[str]:
-    # GPT-2's reversible byte -> printable-character table, which CLIP's byte-level BPE uses.
+def bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible byte -> printable-character table (256 characters, in byte order), the alphabet of CLIP's
+    byte-level BPE: a vocabulary that holds these characters can encode any text."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
@@ -40,7 +42,7 @@ def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     pairs so that the BPE path is exercised. Ids stay below the tiny text encoders' vocabulary size.
     """
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in _bytes_to_unicode():
+    for char in bytes_to_unicode():
         vocab[char] = len(vocab)
         vocab[char + "</w>"] = len(vocab)
     merges = [("t", "h"), ("i", "n"), ("e", "r"), ("a", "n"), ("o", "n")]
@@ -174,36 +176,3 @@ def tiny_sdxl_pipeline(seed: int = 0):
         force_zeros_for_empty_prompt=True,
     )
     return _finish(pipe)
-
-
-def mean_brightness(images, prompts) -> list[float]:
-    """A cheap non-differentiable reward for plumbing tests: each PIL image's mean pixel value (0-255)."""
-    import numpy as np
-
-    return [float(np.asarray(image).mean()) for image in images]
-
-
-def tiny_drpo_config(output_dir: str, **overrides):
-    """A `DrPOConfig` small enough for a CPU test step: K=4 with 1/1 anchors, two prompts per step, LoRA rank 4,
-    no accumulation, no checkpoints or reporting. ``overrides`` win."""
-    from .drpo_config import DrPOConfig
-
-    values = dict(
-        output_dir=str(output_dir),
-        max_steps=2,
-        num_generations=4,
-        num_positives=1,
-        num_negatives=1,
-        gradient_accumulation_steps=1,
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        lora_rank=4,
-        lora_alpha=4,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return DrPOConfig(**values)

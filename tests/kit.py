@@ -1,0 +1,50 @@
+"""Test kit: a cheap reward and a small `DrPOConfig` for plumbing tests (the tiny pipelines themselves are in
+`trl_drpo.tiny_pipelines`, which users also run)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def mean_brightness(images, prompts) -> list[float]:
+    """A cheap non-differentiable reward for plumbing tests: each PIL image's mean pixel value (0-255)."""
+    import numpy as np
+
+    return [float(np.asarray(image).mean()) for image in images]
+
+
+def tiny_drpo_config(output_dir: str, **overrides):
+    """A `DrPOConfig` small enough for a CPU test step: K=4 with 1/1 anchors, two prompts per step, LoRA rank 4,
+    no accumulation, no checkpoints or reporting. ``overrides`` win."""
+    from trl_drpo import DrPOConfig
+
+    values = dict(
+        output_dir=str(output_dir),
+        max_steps=2,
+        num_generations=4,
+        num_positives=1,
+        num_negatives=1,
+        gradient_accumulation_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        lora_rank=4,
+        lora_alpha=4,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return DrPOConfig(**values)
+
+
+KIT_DIR = str(Path(__file__).resolve().parent)
+"""This folder: put it on ``PYTHONPATH`` for a test's subprocess that imports the kit."""
+
+
+def with_kit_on_path(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this folder prepended to ``PYTHONPATH``, for scripts a test runs in a fresh interpreter."""
+    paths = [KIT_DIR, *filter(None, [env.get("PYTHONPATH")])]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}

@@ -1,0 +1,186 @@
+"""The feature-map base class, its registry, and the pooled statistics several maps share (docs/method.md §5)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, TypeVar
+
+from torch import Tensor, nn
+
+from ..generators import OneStepGenerator, PromptEmbeds, map_rows
+
+
+logger = logging.getLogger(__name__)
+
+STD_EPS = 1e-6
+"""Added to the variance before the square root in every `_std` key (as the authors do)."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Base class and registry
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class FeatureMap(nn.Module):
+    """A frozen map `latents -> {key: (batch, tokens, dim)}`, differentiable with respect to the latents.
+
+    Subclasses set :attr:`available_keys` / :attr:`default_keys` (before calling :meth:`_select_keys`) and implement
+    :meth:`compute`. Call the map as `fmap(latents, embeds=None)`.
+
+    Attributes:
+        keys: the keys returned, in order.
+        requires_embeds: whether `embeds` must be passed (one row per latent, or a single row for all).
+    """
+
+    requires_embeds: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: tuple[str, ...] = ()
+        self._keys_were_chosen = False
+
+    @property
+    def available_keys(self) -> tuple[str, ...]:
+        """Every key this map can produce."""
+        raise NotImplementedError
+
+    @property
+    def default_keys(self) -> tuple[str, ...]:
+        """The keys used when none are chosen."""
+        raise NotImplementedError
+
+    def _select_keys(self, keys: Sequence[str] | str | None) -> None:
+        if isinstance(keys, str):
+            keys = [keys]
+        self._keys_were_chosen = keys is not None
+        selected = tuple(keys) if keys is not None else tuple(self.default_keys)
+        unknown = [key for key in selected if key not in self.available_keys]
+        if unknown:
+            raise ValueError(
+                f"Unknown feature keys {unknown} for {type(self).__name__}. Available: {list(self.available_keys)}."
+            )
+        if not selected:
+            raise ValueError(f"{type(self).__name__} needs at least one feature key.")
+        self.keys = selected
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FeatureMap:
+        """Feature maps stay in eval mode (no dropout, fixed statistics) whatever the caller asks."""
+        return super().train(False)
+
+    def compute(self, latents: Tensor, embeds: PromptEmbeds | None) -> dict[str, Tensor]:
+        """The features for :attr:`keys`; implemented by subclasses."""
+        raise NotImplementedError
+
+    def forward(self, latents: Tensor, embeds: PromptEmbeds | None = None) -> dict[str, Tensor]:
+        """`{key: (batch, tokens, dim)}` for :attr:`keys`, with gradient to `latents` when it requires one."""
+        if latents.ndim != 4:
+            raise ValueError(f"Expected latents of shape (B, C, H, W), got {tuple(latents.shape)}.")
+        if self.requires_embeds and embeds is None:
+            raise ValueError(f"{type(self).__name__} needs the prompt embeddings: call fmap(latents, embeds).")
+        return self.compute(latents, embeds)
+
+    def per_prompt(
+        self, latents: Tensor, embeds: PromptEmbeds | None, num_prompts: int, rows: int | None = None
+    ) -> dict[str, Tensor]:
+        """The features of prompt-major latents as ``{key: (prompts, candidates, tokens, dim)}`` in float32,
+        computed `rows` latents at a time (all at once by default)."""
+        select = (lambda r: embeds.select(r)) if embeds is not None else (lambda r: None)
+        feats = map_rows(lambda r: self(latents[r], select(r)), len(latents), rows or len(latents))
+        return {key: value.float().reshape(num_prompts, -1, *value.shape[1:]) for key, value in feats.items()}
+
+    @classmethod
+    def from_generator(cls, generator: OneStepGenerator, keys: Sequence[str] | None = None, **kwargs: Any):
+        """Build the map for `generator` (see each subclass for its keyword arguments)."""
+        raise NotImplementedError
+
+
+_FeatureMapT = TypeVar("_FeatureMapT", bound="type[FeatureMap]")
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {}
+"""Registry: name -> :class:`FeatureMap` subclass (built through its `from_generator`)."""
+
+
+def register_feature_map(name: str) -> Callable[[_FeatureMapT], _FeatureMapT]:
+    """Class decorator registering a :class:`FeatureMap` subclass under `name` for :func:`build_feature_map`."""
+
+    def decorator(cls: _FeatureMapT) -> _FeatureMapT:
+        if not (isinstance(cls, type) and issubclass(cls, FeatureMap)):
+            raise TypeError(f"{cls!r} must be a subclass of FeatureMap.")
+        FEATURE_MAPS[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_feature_map(
+    name: str, generator: OneStepGenerator, keys: Sequence[str] | None = None, **kwargs: Any
+) -> FeatureMap:
+    """Build the feature map registered as `name` for `generator`, returning `keys` (default: its defaults).
+
+    Raises:
+        ValueError: `name` is not registered, or a key is unknown to the map.
+    """
+    if name not in FEATURE_MAPS:
+        raise ValueError(
+            f"Unknown feature map {name!r}. Available: {sorted(FEATURE_MAPS)}. Register a new one with "
+            "`@trl_drpo.features.register_feature_map(name)` on a FeatureMap subclass."
+        )
+    return FEATURE_MAPS[name].from_generator(generator, keys=keys, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared pooling
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def feature_std(x: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    # Population variance, so that a single position gives std sqrt(eps) rather than NaN.
+    return (x.var(dim=dim, unbiased=False) + STD_EPS).sqrt()
+
+
+def stat_keys(prefix: str, patch_sizes: Iterable[int]) -> list[str]:
+    keys = [f"{prefix}_mean", f"{prefix}_std"]
+    for p in patch_sizes:
+        keys += [f"{prefix}_mean_{p}", f"{prefix}_std_{p}"]
+    return keys
+
+
+def patch_stats(x: Tensor, p: int) -> tuple[Tensor, Tensor]:
+    # Non-overlapping p x p patches -> ((H/p)(W/p) tokens, C) mean and std.
+    b, c, h, w = x.shape
+    patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p, c)
+    return patches.mean(dim=2), feature_std(patches, dim=2)
+
+
+def spatial_stats(prefix: str, x: Tensor, wanted: Sequence[str], patch_sizes: Sequence[int]) -> dict[str, Tensor]:
+    """The `{prefix}_mean/_std` (one token) and `{prefix}_mean_p/_std_p` (patch tokens) keys of `x` in `wanted`."""
+    out: dict[str, Tensor] = {}
+    if f"{prefix}_mean" in wanted:
+        out[f"{prefix}_mean"] = x.mean(dim=(2, 3)).unsqueeze(1)
+    if f"{prefix}_std" in wanted:
+        out[f"{prefix}_std"] = feature_std(x, dim=(2, 3)).unsqueeze(1)
+    for p in patch_sizes:
+        keys = [k for k in (f"{prefix}_mean_{p}", f"{prefix}_std_{p}") if k in wanted]
+        if keys and x.shape[-2] % p == 0 and x.shape[-1] % p == 0:
+            mean, std = patch_stats(x, p)
+            out.update({k: v for k, v in zip((f"{prefix}_mean_{p}", f"{prefix}_std_{p}"), (mean, std)) if k in keys})
+    return out
+
+
+def keep_computed(fmap: FeatureMap, features: dict[str, Tensor], shape: Sequence[int]) -> dict[str, Tensor]:
+    # Patch keys need a map side divisible by the patch size. A key the user chose must exist; default keys that
+    # cannot exist at this input size are skipped (with a warning), as the authors' extractor does.
+    missing = [k for k in fmap.keys if k not in features]
+    if missing and fmap._keys_were_chosen:
+        raise ValueError(
+            f"Feature keys {missing} cannot be computed for inputs of shape {tuple(shape)}: the feature map's side "
+            "is not divisible by the patch size. Choose other keys or a larger resolution."
+        )
+    if missing and missing != getattr(fmap, "_warned_missing", None):
+        logger.warning("Skipping default feature keys %s: not computable for inputs of shape %s.", missing, shape)
+        fmap._warned_missing = missing
+    return {k: features[k] for k in fmap.keys if k in features}
