@@ -37,6 +37,20 @@ def test_sdxl_preset_reproduces_the_teacher_script(tmp_path):
     assert config.reference_loss_weight == 0.25 and config.feature_aggregation == "mean"
 
 
+def test_sd_turbo_preset_uses_the_papers_latent_mae_features(tmp_path):
+    config = DrPOConfig.from_preset("sd_turbo_paper", output_dir=str(tmp_path), fp16=False)
+    assert config.feature_map == "latent_mae" and config.feature_keys is None  # the map's six layer4 keys
+    assert config.feature_aggregation == "sum"
+
+
+def test_latent_mae_without_its_checkpoint_says_where_to_get_it(tmp_path):
+    config = DrPOConfig.from_preset("sd_turbo_paper", output_dir=str(tmp_path), fp16=False)
+    with pytest.raises(ValueError, match="mae_latent_256_torch.pth.*ModelScope"):
+        config.check_feature_map()
+    DrPOConfig(output_dir=str(tmp_path), feature_map="latent_mae", feature_map_kwargs={"model_name_or_path": "x"})
+    DrPOConfig(output_dir=str(tmp_path)).check_feature_map()  # the default denoiser features need no weights
+
+
 def test_preset_overrides_win(tmp_path):
     config = DrPOConfig.from_preset("sd_turbo_paper", output_dir=str(tmp_path), fp16=False, num_generations=32)
     assert config.num_generations == 32 and not config.fp16

@@ -120,6 +120,13 @@ def test_example_trains_a_few_steps_under_accelerate_launch_and_writes_its_artef
         "a house",
         "a tree",
     ]
+    if PRESETS[preset].get("feature_map") == "latent_mae":
+        # The paper's latent-MAE features, from a tiny checkpoint in the format LatentMAEResNet publishes.
+        from trl_drpo.features import LatentMAEResNet
+
+        mae = LatentMAEResNet(in_channels=4, widths=(8, 8, 16, 16), layers=(1, 1, 1, 1), stem_width=8)
+        mae.save_pretrained(tmp_path / "mae")
+        argv += ["--feature_map_kwargs", json.dumps({"model_name_or_path": str(tmp_path / "mae")})]
     launch(SCRIPTS[preset], argv, tmp_path)
 
     for name in (LORA_WEIGHT_NAME, "README.md", "drpo_config.json", "samples.png", "eval_results.json"):

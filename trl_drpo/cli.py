@@ -274,6 +274,7 @@ def train(script_args: TrainScriptArguments, config: DrPOConfig) -> DrPOTrainer:
     from .prompts import load_prompt_dataset
     from .rewards import load_rewards
 
+    config.check_feature_map()  # before the pipeline downloads
     dtype = resolve_dtype(script_args.torch_dtype, fp16=config.fp16, bf16=config.bf16)
     pipe = load_pipeline(
         script_args.model_name_or_path,

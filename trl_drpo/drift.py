@@ -448,6 +448,28 @@ def drpo_targets_from_anchors(
     return targets
 
 
+def drpo_targets_per_prompt(
+    generated: Mapping[str, torch.Tensor],
+    positives: Mapping[str, torch.Tensor],
+    negatives: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor] | None,
+    params: DriftHyperparams,
+) -> list[DrPOTargets]:
+    """`drpo_targets` for each prompt separately, with anchors given as feature sets (offline DrPO, docs/method.md §9:
+    the encoded chosen and rejected images of each prompt). Shapes as in `drpo_targets`, row ``b`` = prompt ``b``."""
+
+    def row(features: Mapping[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+        return {key: value[b : b + 1] for key, value in features.items()}
+
+    batch = next(iter(generated.values())).shape[0]
+    return [
+        drpo_targets(
+            row(generated, b), row(positives, b), row(negatives, b), row(reference, b) if reference else None, params
+        )
+        for b in range(batch)
+    ]
+
+
 def regression_loss(
     targets: Sequence[DrPOTargets], features: Mapping[str, torch.Tensor], prompts: Sequence[int], begin: int = 0
 ) -> torch.Tensor:

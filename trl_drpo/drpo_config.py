@@ -29,6 +29,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-4,
         "max_steps": 1000,
         "gradient_accumulation_steps": 8,
+        # The authors' SD-Turbo features: the latent-MAE ResNet's six layer4 keys (its map's defaults), summed. The
+        # checkpoint is the user's to give (feature_map_kwargs={"model_name_or_path": ...}); `check_feature_map` asks.
+        "feature_map": "latent_mae",
         "feature_aggregation": "sum",
         "reference_loss_weight": 0.2,
         "resolution": 512,
@@ -330,6 +333,19 @@ class DrPOConfig(TrainingArguments):
             import json
 
             self.feature_map_kwargs = json.loads(self.feature_map_kwargs)
+
+    def check_feature_map(self) -> None:
+        """Raise a `ValueError` naming the fix when the feature map needs weights that `feature_map_kwargs` does not
+        give (the latent-MAE's checkpoint). The trainer and the CLI call it before any model is loaded."""
+        kwargs = self.feature_map_kwargs or {}
+        if self.feature_map == "latent_mae" and not (kwargs.get("model_name_or_path") or kwargs.get("model")):
+            from .features.latent import LATENT_MAE_CHECKPOINT
+
+            raise ValueError(
+                "feature_map='latent_mae' (the paper's SD-Turbo features) needs its checkpoint: set feature_map_kwargs"
+                f"={{'model_name_or_path': ...}} to {LATENT_MAE_CHECKPOINT}; or use feature_map='denoiser', which "
+                "needs no extra weights."
+            )
 
     @property
     def one_graph(self) -> bool:

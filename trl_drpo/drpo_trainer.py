@@ -32,6 +32,14 @@ from .hub import (
     render_model_card,
     save_adapter,
 )
+from .preferences import (
+    CHOSEN_COLUMN,
+    PREFERENCE_ID_COLUMN,
+    REJECTED_COLUMN,
+    is_preference_dataset,
+    load_preference_dataset,
+    to_rgb_image,
+)
 from .prompts import PromptCollator, load_prompt_dataset
 from .scoring import RewardFunctions, to_pil
 from .step import StepHooks, micro_step
@@ -50,6 +58,7 @@ _TIMING_PHASES = {
     "reward": "reward",
     "features/rollout": "field",
     "features/reference": "field",
+    "features/anchors": "field",
     "field": "field",
     "generation/regenerate": "backward",
     "features/regenerate": "backward",
@@ -123,10 +132,12 @@ class DrPOTrainer(Trainer):
             (``"pickscore"``, see `trl_drpo.rewards.available_rewards`), or a list of them (weighted by
             `DrPOConfig.reward_weights`). See `trl_drpo.scoring` for the convention. Rewards with a ``load()``
             method (the built-in model rewards) are loaded here, so that one that cannot load fails before any
-            generation.
+            generation. None trains offline DrPO on a preference dataset (docs/method.md §9).
         args: a `DrPOConfig`; defaults to the paper's SD-Turbo recipe with ``output_dir="drpo-output"``.
         train_dataset: prompts: a `datasets.Dataset` / `IterableDataset` with a prompt column, a list of strings,
-            or None to load `args.dataset_name`.
+            or None to load `args.dataset_name`. With `reward_funcs=None`, a preference dataset instead: rows of a
+            prompt, a ``chosen`` and a ``rejected`` image (`trl_drpo.preferences.load_preference_dataset` lists the
+            accepted forms; every image is checked before training).
         eval_dataset: prompts for `evaluate()` (same forms), or None to use `args.eval_prompts`.
         peft_config: a `peft.LoraConfig` overriding the LoRA fields of `args`.
         callbacks: extra `transformers.TrainerCallback`s.
@@ -138,7 +149,7 @@ class DrPOTrainer(Trainer):
     def __init__(
         self,
         pipe: Any,
-        reward_funcs: Callable | Sequence[Callable],
+        reward_funcs: Callable | Sequence[Callable] | None,
         args: DrPOConfig | None = None,
         train_dataset: Dataset | IterableDataset | Sequence[str] | str | None = None,
         eval_dataset: Dataset | IterableDataset | Sequence[str] | str | None = None,
@@ -151,22 +162,40 @@ class DrPOTrainer(Trainer):
             raise TypeError(f"`args` must be a DrPOConfig, got {type(args).__name__}.")
         # Everything a user can get wrong is checked here, before any model runs.
         check_card_is_ours(args.output_dir)
+        args.check_feature_map()
         self.generator = OneStepGenerator.from_pipeline(pipe, resolution=args.resolution)
-        self.reward_funcs = RewardFunctions.build(_resolve_reward_names(reward_funcs), args.reward_weights)
-        self.reward_funcs.load()  # a reward that cannot load fails now, not after the first rollout
         if train_dataset is None:
             if args.dataset_name is None:
                 raise ValueError(
-                    "No prompts to train on: pass `train_dataset` (a datasets.Dataset or a list of prompts) or set "
-                    "`dataset_name` in DrPOConfig."
+                    "No prompts to train on: pass `train_dataset` (a datasets.Dataset or a list of prompts, or a "
+                    "preference dataset with reward_funcs=None) or set `dataset_name` in DrPOConfig."
                 )
             train_dataset = args.dataset_name
-        train_dataset = load_prompt_dataset(
-            train_dataset,
-            prompt_column=args.prompt_column,
-            split=args.dataset_train_split,
-            config_name=args.dataset_config,
-        )
+        # Offline DrPO (docs/method.md §9): no reward; the anchors are the dataset's chosen and rejected images.
+        self.offline = reward_funcs is None
+        if not self.offline and is_preference_dataset(train_dataset):
+            raise ValueError(
+                "A preference dataset (chosen/rejected columns) with a reward: mixing online and offline DrPO is not "
+                "supported. Pass reward_funcs=None to train offline on the pairs, or a prompt dataset to train online."
+            )
+        self.reward_funcs = None
+        if self.offline:
+            train_dataset = load_preference_dataset(
+                train_dataset,
+                prompt_column=args.prompt_column,
+                split=args.dataset_train_split,
+                config_name=args.dataset_config,
+            )
+        else:
+            self.reward_funcs = RewardFunctions.build(_resolve_reward_names(reward_funcs), args.reward_weights)
+            self.reward_funcs.load()  # a reward that cannot load fails now, not after the first rollout
+            train_dataset = load_prompt_dataset(
+                train_dataset,
+                prompt_column=args.prompt_column,
+                split=args.dataset_train_split,
+                config_name=args.dataset_config,
+            )
+        self._preference_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if eval_dataset is None and args.eval_prompts:
             eval_dataset = list(args.eval_prompts)
         if eval_dataset is not None:
@@ -311,19 +340,21 @@ class DrPOTrainer(Trainer):
             self.generator,
             model,
             self.feature_map,
-            scorer,
+            None if self.offline else scorer,
             prompts,
             self.step_settings,
             hooks,
             noise_generator=self._noise_generator(),
             selection_generator=self._noise_generator(),
             accumulation_steps=accumulation,
+            preference_latents=self._preference_latents(columns) if self.offline else None,
         )
         timings["step"] = time.perf_counter() - start
 
         self._record_step(rollout.scores, rollout.targets, timings)
         step = self.state.global_step
-        if args.log_images_steps and step % args.log_images_steps == 0 and self._images_logged_step != step:
+        logs_images = args.log_images_steps and step % args.log_images_steps == 0 and rollout.images is not None
+        if logs_images and self._images_logged_step != step:
             self._images_logged_step = step
             self._log_images(rollout.images[:k], rollout.scores[:, :k], prompts[0])
         return loss
@@ -332,14 +363,30 @@ class DrPOTrainer(Trainer):
     # Metrics and logging
     # ------------------------------------------------------------------------------------------------------------
 
-    def _record_step(self, scores: torch.Tensor, targets: list[DrPOTargets | None], timings: dict[str, float]) -> None:
+    def _preference_latents(self, columns: dict[str, list[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(chosen, rejected)` latents `(B, 1, C, h, w)` of a batch of preference rows, each row's images encoded
+        once and kept on the CPU (`OneStepGenerator.encode_images`)."""
+        pairs = []
+        for row, chosen, rejected in zip(
+            columns[PREFERENCE_ID_COLUMN], columns[CHOSEN_COLUMN], columns[REJECTED_COLUMN]
+        ):
+            if row not in self._preference_cache:
+                latents = self.generator.encode_images([to_rgb_image(chosen), to_rgb_image(rejected)]).cpu()
+                self._preference_cache[row] = (latents[0], latents[1])
+            pairs.append(self._preference_cache[row])
+        return tuple(torch.stack([pair[i] for pair in pairs])[:, None] for i in range(2))
+
+    def _record_step(
+        self, scores: torch.Tensor | None, targets: list[DrPOTargets | None], timings: dict[str, float]
+    ) -> None:
         metrics = self._metrics["train"]
-        combined = self.reward_funcs.combine(scores)
-        metrics["reward"].append(combined.mean().item())
-        metrics["reward_std"].append(combined.std().item() if combined.numel() > 1 else 0.0)
-        for name, values in zip(self.reward_funcs.names, scores):
-            metrics[f"rewards/{name}/mean"].append(values.mean().item())
-            metrics[f"rewards/{name}/std"].append(values.std().item() if values.numel() > 1 else 0.0)
+        if scores is not None:  # offline steps score nothing
+            combined = self.reward_funcs.combine(scores)
+            metrics["reward"].append(combined.mean().item())
+            metrics["reward_std"].append(combined.std().item() if combined.numel() > 1 else 0.0)
+            for name, values in zip(self.reward_funcs.names, scores):
+                metrics[f"rewards/{name}/mean"].append(values.mean().item())
+                metrics[f"rewards/{name}/std"].append(values.std().item() if values.numel() > 1 else 0.0)
         used = [t for t in targets if t is not None]
         metrics["frac_prompts_skipped"].append(1.0 - len(used) / len(targets))
         for target in used:
@@ -442,7 +489,13 @@ class DrPOTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
         """Render fixed-seed samples for the evaluation prompts and report the mean reward(s) of the tuned
-        generator next to those of the base pipeline (computed once per prompt set)."""
+        generator next to those of the base pipeline (computed once per prompt set). Raises `ValueError` in an
+        offline run, which has no reward to score with."""
+        if self.reward_funcs is None:
+            raise ValueError(
+                "evaluate() scores samples with the rewards, and this offline DrPO run has none: measure the adapter "
+                "with your own judge (e.g. `trl-drpo evaluate --adapter <output_dir> --reward_funcs ...`)."
+            )
         prompts = self._eval_prompts(eval_dataset)
         start = time.perf_counter()
         was_training = self.model.training
@@ -496,8 +549,8 @@ class DrPOTrainer(Trainer):
         card = render_model_card(
             pipeline=self.generator.pipeline,
             args=self.args,
-            reward_names=self.reward_funcs.names,
-            reward_weights=self.reward_funcs.weights,
+            reward_names=self.reward_funcs.names if self.reward_funcs else [],
+            reward_weights=self.reward_funcs.weights if self.reward_funcs else [],
             tags=self._tag_names,
             eval_metrics=self._last_eval_metrics(),
             repo_id=getattr(self, "hub_model_id", None),  # the full "user/name" once push_to_hub created the repo

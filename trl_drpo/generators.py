@@ -573,17 +573,45 @@ class OneStepGenerator:
             self._vae_fp32.to(device)
         return self._vae_fp32
 
-    def _unscale_latents(self, latents: Tensor) -> Tensor:
-        # UNet space -> VAE space, including the per-channel mean/std some VAEs declare (as the SDXL pipeline does).
+    def _latent_statistics(self, latents: Tensor) -> tuple[Tensor, Tensor] | None:
+        # The per-channel mean/std some VAEs declare (the SDXL pipeline applies them), shaped to broadcast.
         config = self.vae.config
-        mean = getattr(config, "latents_mean", None)
-        std = getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            channels = latents.shape[1]
-            mean_t = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
-            std_t = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
-            return latents * std_t / config.scaling_factor + mean_t
-        return latents / config.scaling_factor
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return None
+        shape = (1, latents.shape[1], 1, 1)
+        return tuple(torch.tensor(v).view(shape).to(latents.device, latents.dtype) for v in (mean, std))
+
+    def _unscale_latents(self, latents: Tensor) -> Tensor:
+        # UNet space -> VAE space.
+        statistics = self._latent_statistics(latents)
+        if statistics is not None:
+            return latents * statistics[1] / self.vae.config.scaling_factor + statistics[0]
+        return latents / self.vae.config.scaling_factor
+
+    def _scale_latents(self, latents: Tensor) -> Tensor:
+        # VAE space -> UNet space (the inverse of `_unscale_latents`).
+        statistics = self._latent_statistics(latents)
+        if statistics is not None:
+            return (latents - statistics[0]) * self.vae.config.scaling_factor / statistics[1]
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Any]) -> Tensor:
+        """UNet-space latents of images, as :meth:`sample` returns latents: `(B, C, h, w)` in the denoiser's dtype.
+
+        Each image (a PIL image, or a `(3, H, W)` float tensor in [0, 1]) is resized and centre-cropped to the training
+        resolution by the pipeline's own image processor (`resize_mode="crop"`), encoded by the VAE (the posterior's
+        mode, as the authors' offline DrPO does) and scaled into the denoiser's latent space.
+        """
+        images = [to_pil(image[None])[0] if isinstance(image, Tensor) else image.convert("RGB") for image in images]
+        pixels = self.pipeline.image_processor.preprocess(
+            images, height=self.resolution, width=self.resolution, resize_mode="crop"
+        )
+        vae = self._decoding_vae()
+        param = next(vae.parameters())
+        posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+        return self._scale_latents(posterior.mode()).to(device=self.device, dtype=self.dtype)
 
     def _decode_chunk(self, latents: Tensor, watermark: bool) -> Tensor:
         vae = self._decoding_vae()

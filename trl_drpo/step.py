@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .drift import DriftHyperparams, DrPOTargets, drpo_targets_from_anchors, regression_loss
+from .drift import DriftHyperparams, DrPOTargets, drpo_targets_from_anchors, drpo_targets_per_prompt, regression_loss
 from .features import FeatureMap
 from .generators import OneStepGenerator, PromptEmbeds, map_rows
 from .ranking import AnchorSelection, select_anchors
@@ -91,7 +91,8 @@ class StepHooks:
     Attributes:
         meter: `meter(name)` is a context around each component (``generation/text``, ``generation/rollout``,
             ``generation/reference``, ``decode``, ``reward``, ``features/rollout``, ``features/reference``,
-            ``field``, ``generation/regenerate``, ``features/regenerate``, ``backward``), for timings and FLOPs.
+            ``features/anchors`` (offline), ``field``, ``generation/regenerate``, ``features/regenerate``,
+            ``backward``), for timings and FLOPs.
         autocast: a context around every forward of a trained module (the trainer's mixed-precision context).
         backward: back-propagates a loss (`accelerator.backward` in the trainer).
         no_sync: a context around every regenerated chunk but the last, where gradients must not be all-reduced yet.
@@ -160,6 +161,7 @@ def rollout(
     hooks: StepHooks | None = None,
     noise_generator: torch.Generator | None = None,
     selection_generator: torch.Generator | None = None,
+    preference_latents: tuple[Tensor, Tensor] | None = None,
 ) -> Rollout:
     """Phase (a) of a micro-step, ending with every prompt's drift-field targets (docs/method.md §3-4).
 
@@ -176,6 +178,9 @@ def rollout(
         settings: the step's numbers.
         hooks: see `StepHooks`.
         noise_generator: draws the candidates' noise; `selection_generator` draws random anchors (``threshold``).
+        preference_latents: offline DrPO (docs/method.md §9): `(chosen, rejected)` UNet-space latents of each
+            prompt's preferred and rejected images, `(B, P, C, h, w)` and `(B, M, C, h, w)`. Their features are the
+            positive and negative anchors; nothing is decoded or scored (`scorer` may be None).
     """
     hooks = hooks or StepHooks()
     prompts = list(prompts)
@@ -184,7 +189,8 @@ def rollout(
     one_graph = settings.one_graph
     with torch.no_grad():
         with hooks.meter("generation/text"):
-            embeds = generator.encode_prompts(prompts).repeat_interleave(k)
+            prompt_embeds = generator.encode_prompts(prompts)
+            embeds = prompt_embeds.repeat_interleave(k)
         noise = generator.make_noise(num_prompts * k, noise_generator)
     with hooks.autocast():
         with hooks.meter("generation/rollout"):
@@ -197,20 +203,23 @@ def rollout(
         if settings.drift.reference_loss_weight > 0:
             with hooks.meter("generation/reference"), torch.no_grad():
                 reference = map_rows(lambda r: generator.reference(embeds.select(r), noise[r]), len(noise), rows)
-    with torch.no_grad():
-        with hooks.meter("decode"):
-            images = generator.decode(latents.detach(), chunk_size=settings.decode_chunk_size or rows)
-        with hooks.meter("reward"):
-            scores, ranking = scorer(images, [p for p in prompts for _ in range(k)])
-            ranking = hooks.materialize(ranking).view(num_prompts, k)
-            selections = select_anchors(
-                ranking,
-                settings.anchor_selection,
-                settings.num_positives,
-                settings.num_negatives,
-                settings.selection_threshold,
-                generator=selection_generator,
-            )
+    images = scores = None
+    selections: list[AnchorSelection | None] = []
+    if preference_latents is None:
+        with torch.no_grad():
+            with hooks.meter("decode"):
+                images = generator.decode(latents.detach(), chunk_size=settings.decode_chunk_size or rows)
+            with hooks.meter("reward"):
+                scores, ranking = scorer(images, [p for p in prompts for _ in range(k)])
+                ranking = hooks.materialize(ranking).view(num_prompts, k)
+                selections = select_anchors(
+                    ranking,
+                    settings.anchor_selection,
+                    settings.num_positives,
+                    settings.num_negatives,
+                    settings.selection_threshold,
+                    generator=selection_generator,
+                )
     with hooks.autocast():
         with hooks.meter("features/rollout"), torch.set_grad_enabled(one_graph):
             graph_features = feature_map.per_prompt(latents, embeds, num_prompts, rows)
@@ -218,11 +227,25 @@ def rollout(
         if reference is not None:
             with hooks.meter("features/reference"), torch.no_grad():
                 ref_features = feature_map.per_prompt(reference, embeds, num_prompts, rows)
+        anchors = None
+        if preference_latents is not None:
+            with hooks.meter("features/anchors"), torch.no_grad():
+                anchors = [
+                    feature_map.per_prompt(
+                        sets.flatten(0, 1).to(latents.device, latents.dtype),
+                        prompt_embeds.repeat_interleave(sets.shape[1]),
+                        num_prompts,
+                    )
+                    for sets in preference_latents
+                ]
     with hooks.meter("field"), torch.no_grad():
         features = {key: hooks.materialize(value.detach()) for key, value in graph_features.items()}
         if ref_features is not None:
             ref_features = {key: hooks.materialize(value) for key, value in ref_features.items()}
-        targets = drpo_targets_from_anchors(features, ref_features, selections, settings.drift)
+        if anchors is None:
+            targets = drpo_targets_from_anchors(features, ref_features, selections, settings.drift)
+        else:
+            targets = drpo_targets_per_prompt(features, anchors[0], anchors[1], ref_features, settings.drift)
         if latents.device != next(iter(features.values())).device:
             targets = [_targets_to(target, latents.device) for target in targets]
     return Rollout(
@@ -303,6 +326,7 @@ def micro_step(
     noise_generator: torch.Generator | None = None,
     selection_generator: torch.Generator | None = None,
     accumulation_steps: int = 1,
+    preference_latents: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Rollout]:
     """One DrPO micro-step, both phases: gradients accumulate on the trainable parameters of `denoiser`.
 
@@ -310,7 +334,16 @@ def micro_step(
     produced (images, scores, selections and targets, for logging).
     """
     result = rollout(
-        generator, denoiser, feature_map, scorer, prompts, settings, hooks, noise_generator, selection_generator
+        generator,
+        denoiser,
+        feature_map,
+        scorer,
+        prompts,
+        settings,
+        hooks,
+        noise_generator,
+        selection_generator,
+        preference_latents,
     )
     loss = gradient_pass(generator, denoiser, feature_map, result, settings, hooks, accumulation_steps)
     return loss, result

@@ -23,6 +23,13 @@ from .base import (
 )
 
 
+LATENT_MAE_CHECKPOINT = (
+    "a local path to the paper's latent-MAE checkpoint, mae_latent_256_torch.pth (published by the DrPO authors on "
+    "ModelScope as jiangzhou130v1/drpo-mae-latent-256), or a directory written by LatentMAEResNet.save_pretrained"
+)
+"""Where the latent-MAE weights come from; every error that asks for them says this."""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Latent-MAE ResNet
 # --------------------------------------------------------------------------------------------------------------------
@@ -262,10 +269,7 @@ class LatentMAEFeatureMap(FeatureMap):
         """Load the ResNet from `model_name_or_path` (a local checkpoint file or directory), or use `model`."""
         if model is None:
             if model_name_or_path is None:
-                raise ValueError(
-                    "latent_mae needs `model_name_or_path`: a local path to the latent-MAE checkpoint "
-                    "(e.g. mae_latent_256_torch.pth) or a directory written by LatentMAEResNet.save_pretrained."
-                )
+                raise ValueError(f"latent_mae needs `model_name_or_path`: {LATENT_MAE_CHECKPOINT}")
             model = LatentMAEResNet.from_pretrained(model_name_or_path)
         if generator is not None:
             if generator.latent_channels != model.config["in_channels"]:
