@@ -242,3 +242,14 @@ def test_run_all_quick_writes_json_and_markdown_with_the_gpu_parts_of_a_gpu_run(
         gpu_part = summary.split("### Real size on GPU", 1)[1]
         assert "Measured on" in gpu_part and "| sd-turbo | hpsv3 | drpo-chunk8 |" in gpu_part
         assert any("GPU, real size" in check["case"] for check in results["targets"])
+
+
+def test_digits_gradient_probe_reports_finite_statistics(tmp_path, monkeypatch):
+    from benchmarks import digits_gradients
+
+    monkeypatch.setattr(digits_gradients, "CAPTIONS", ("a 3 to the left of a 7", "two 7s"))
+    result = digits_gradients.measure({"num_generations": 4, "num_positives": 1, "num_negatives": 1}, str(tmp_path))
+    keys = {"cos_true_reversed", "signal_to_common", "signal_consistency", "signal_cross_caption"}
+    assert set(result["mean"]) == keys
+    assert all(-1.0 <= value <= 1.0 for key, value in result["mean"].items() if key.startswith(("cos", "signal_c")))
+    assert len(result["per_caption"]) == 2

@@ -72,9 +72,9 @@ def test_unsupported_pipeline_raises_naming_supported_classes_and_registration()
 
 
 def test_registered_adapter_serves_its_pipeline_class_and_subclasses_inherit_adapters(sd_pipe, monkeypatch):
-    from trl_drpo import generators
+    from trl_drpo.generators import base
 
-    monkeypatch.setattr(generators, "_REGISTRY", dict(generators._REGISTRY))  # keep the registration local
+    monkeypatch.setattr(base, "GENERATORS", dict(base.GENERATORS))  # keep the registration local
 
     class CustomSD(type(sd_pipe)):
         pass

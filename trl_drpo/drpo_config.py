@@ -54,9 +54,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bf16": True,
     },
     # The digit world (trl_drpo.worlds.digits) on a CPU: 4 prompts x 16 candidates per update, 4/4 anchors (the
-    # paper's third of K) and the paper's anchor weights. Measured on this world (benchmarks/README.md): the default
-    # pooled denoiser features give one feature per image and did not move the verifier, while one token per latent
-    # position (pool_size 1) did; lr 1e-3 with a reference weight of 0.5 kept the colours from drifting.
+    # paper's third of K) and the paper's anchor weights. Measured on this world (benchmarks/README.md): one token per
+    # latent position (pool_size 1) moved a single caption where pooled features did not, and lr 1e-3 with a reference
+    # weight of 0.5 kept the colours from drifting; no recipe yet improves the world's held-out captions as a whole.
     "digits": {
         "num_generations": 16,
         "num_positives": 4,

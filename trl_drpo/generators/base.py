@@ -1,255 +1,32 @@
-"""One-step generators: the differentiable twin of `pipe(prompt, num_inference_steps=1, guidance_scale=0.0)`.
-
-DrPO regresses what the user's pipeline *serves*, so the trainer must differentiate through exactly the computation
-that the diffusers pipeline runs at inference (docs/method.md, section 8.1). Diffusers pipelines run under
-`torch.no_grad()`, so this module re-expresses their single step with the pipeline's own pieces (its prompt encoder,
-its scheduler's timestep, input scaling and x0 arithmetic, its VAE post-processing), keeping the autograd graph.
-
-A :class:`OneStepGenerator` wraps one pipeline family. Pick one with :meth:`OneStepGenerator.from_pipeline`, which
-looks the pipeline's class up in a small registry; add a family by subclassing and decorating with
-:func:`register_generator`::
-
-    @register_generator(MyPipeline)
-    class MyGenerator(OneStepGenerator):
-        def _encode(self, prompts): ...  # -> PromptEmbeds
-        def denoiser_kwargs(self, embeds, latents): ...  # -> keyword arguments of the denoiser call
-
-Typical use in a training step::
-
-    gen = OneStepGenerator.from_pipeline(pipe)
-    gen.add_lora(rank=16, alpha=16)
-    embeds = gen.encode_prompts(prompts).repeat_interleave(k)
-    noise = gen.make_noise(len(embeds), torch.Generator().manual_seed(0))
-    latents = gen.sample(embeds, noise)  # with gradient through the LoRA
-    reference = gen.reference(embeds, noise)  # adapter disabled, no gradient
-    images = gen.decode(latents)  # (B, 3, H, W) in [0, 1], no gradient
-"""
+"""`OneStepGenerator`, the family-independent part of the differentiable one-step twin of a pipeline, and its
+registry."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from torch import Tensor, nn
 
-from .scoring import to_pil
+from ..scoring import to_pil
+from .embeds import PromptEmbeds
+from .schedulers import SCHEDULER_STEPS, SUPPORTED_SCHEDULERS, SingleStep
 
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "SUPPORTED_PIPELINES",
-    "SUPPORTED_SCHEDULERS",
-    "OneStepGenerator",
-    "PromptEmbeds",
-    "StableDiffusionGenerator",
-    "StableDiffusionXLGenerator",
-    "map_rows",
-    "register_generator",
-    "unwrap_module",
-]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Prompt embeddings
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class PromptEmbeds:
-    """Encoded prompts, one row per sample, in the layout the denoiser consumes.
-
-    Attributes:
-        prompt_embeds: text-encoder hidden states, `(batch, sequence, dim)`.
-        pooled_prompt_embeds: pooled text embedding (SDXL's `text_embeds`), `(batch, dim)`, or `None`.
-        add_time_ids: SDXL micro-conditioning `(batch, 6)`, or `None` to derive it from the latent size at call time
-            (`(h, w, 0, 0, h, w)`, what `pipe(height=h, width=w)` uses).
-    """
-
-    prompt_embeds: Tensor
-    pooled_prompt_embeds: Tensor | None = None
-    add_time_ids: Tensor | None = None
-
-    def _map(self, fn: Callable[[Tensor], Tensor]) -> PromptEmbeds:
-        return PromptEmbeds(**{f.name: _apply(fn, getattr(self, f.name)) for f in dataclasses.fields(self)})
-
-    def __len__(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def repeat_interleave(self, repeats: int) -> PromptEmbeds:
-        """Each row repeated `repeats` times in place (`[a, b] -> [a, a, b, b]`), for K candidates per prompt."""
-        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def select(self, index: int | slice | Sequence[int] | Tensor) -> PromptEmbeds:
-        """Rows picked by an int (kept as a batch of one), a slice, a list of ints or an index/bool tensor."""
-        if isinstance(index, int):
-            index = slice(index, index + 1) if index != -1 else slice(-1, None)
-        elif not isinstance(index, slice):
-            index = torch.as_tensor(index)
-            if index.dtype != torch.bool:
-                index = index.long()
-        return self._map(lambda t: t[index.to(t.device) if isinstance(index, Tensor) else index])
-
-    __getitem__ = select
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
-        """A copy on `device`; floating tensors are also cast to `dtype` when given."""
-        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
-
-    @classmethod
-    def cat(cls, items: Sequence[PromptEmbeds]) -> PromptEmbeds:
-        """Concatenate along the batch dimension."""
-        if not items:
-            raise ValueError("PromptEmbeds.cat needs at least one item.")
-        out = {}
-        for f in dataclasses.fields(cls):
-            values = [getattr(item, f.name) for item in items]
-            if all(v is None for v in values):
-                out[f.name] = None
-            elif any(v is None for v in values):
-                raise ValueError(f"Cannot concatenate PromptEmbeds where only some have `{f.name}`.")
-            else:
-                out[f.name] = torch.cat(values, dim=0)
-        return cls(**out)
-
-
-def evaluation_seed(seed: int, index: int) -> int:
-    """The noise seed of image ``(seed, index)`` in an evaluation: ``seed * 10**6 + index``, the paper's protocol, so
-    the prompt at `index` gets the same noise under a given seed whatever else is evaluated with it."""
-    return int(seed) * 10**6 + int(index)
-
-
-def map_rows(fn: Callable[[slice], Any], total: int, size: int) -> Any:
-    """``fn`` over consecutive row slices of at most ``size`` rows, outputs concatenated along rows (tensors, or
-    dicts of tensors)."""
-    parts = [fn(slice(begin, min(begin + size, total))) for begin in range(0, total, size)]
-    if isinstance(parts[0], dict):
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-    return torch.cat(parts)
-
-
-def _apply(fn: Callable[[Tensor], Tensor], value: Tensor | None) -> Tensor | None:
-    return None if value is None else fn(value)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Scheduler arithmetic of a single step
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _x0_from_sigma(prediction_type: str, sample: Tensor, model_output: Tensor, sigma: Tensor) -> Tensor:
-    # Karras/Euler parametrisation: x_t = x0 + sigma * eps (no input scaling in `sample`).
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
-    if prediction_type == "v_prediction":
-        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-    return model_output  # "sample" / "original_sample"
-
-
-def _euler_step(scheduler: Any, device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
-    # EulerDiscreteScheduler.step (s_churn=0, the pipeline default) and EulerAncestralDiscreteScheduler.step (whose
-    # noise term vanishes when the step ends at sigma 0), written out so that autograd sees it and no state changes.
-    # The dtypes follow the scheduler's: `sample` is upcast to fp32 while `sigma * model_output` stays in the model's
-    # dtype (a 0-d sigma does not promote), so fp16/bf16 results match the pipeline's bit for bit.
-    sigma = scheduler.sigmas[0].to(device)
-    sigma_next = scheduler.sigmas[1].to(device)
-    if "Ancestral" in type(scheduler).__name__ and float(sigma_next) != 0.0:
-        raise NotImplementedError(
-            f"{type(scheduler).__name__} ends its single step at sigma={float(sigma_next)}, which adds fresh noise; "
-            "a one-step generator needs a schedule that ends at sigma 0."
-        )
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction", "sample", "original_sample"):
-        raise ValueError(f"Unsupported prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample.")
-
-    def step(sample: Tensor, model_output: Tensor) -> Tensor:
-        sample32 = sample.to(torch.float32)
-        x0 = _x0_from_sigma(prediction_type, sample32, model_output, sigma)
-        # With sigma_next = 0 this is x0 up to rounding; the derivative form is what the scheduler computes.
-        prev_sample = sample32 + (sample32 - x0) / sigma * (sigma_next - sigma)
-        return prev_sample.to(model_output.dtype)
-
-    return step
-
-
-def _ddim_step(scheduler: Any, device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
-    # DDIMScheduler.step with eta=0 (the pipeline default) for the only step: x_t is projected onto the final
-    # alpha (1, or alphas_cumprod[0] when set_alpha_to_one=False), the formula the authors hard-code for SD-Turbo.
-    # Like the scheduler, it computes in the sample's dtype.
-    config = scheduler.config
-    if config.thresholding:
-        raise NotImplementedError("DDIMScheduler with dynamic thresholding is not supported by OneStepGenerator.")
-    if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"Unsupported prediction_type {config.prediction_type!r}.")
-    t = int(scheduler.timesteps[0])
-    if t - config.num_train_timesteps // scheduler.num_inference_steps >= 0:
-        raise NotImplementedError("DDIMScheduler's single step must end at t < 0 (the clean sample).")
-    alpha = scheduler.alphas_cumprod[t].to(device)
-    alpha_prev = scheduler.final_alpha_cumprod.to(device)
-    beta = 1 - alpha
-
-    def step(x: Tensor, out: Tensor) -> Tensor:
-        if config.prediction_type == "epsilon":
-            x0, eps = (x - beta**0.5 * out) / alpha**0.5, out
-        elif config.prediction_type == "sample":
-            x0, eps = out, (x - alpha**0.5 * out) / beta**0.5
-        else:
-            x0, eps = alpha**0.5 * x - beta**0.5 * out, alpha**0.5 * out + beta**0.5 * x
-        if config.clip_sample:
-            x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
-        return alpha_prev**0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
-
-    return step
-
-
-_SCHEDULER_STEPS: dict[str, Callable[[Any, torch.device], Callable[[Tensor, Tensor], Tensor]]] = {
-    "EulerDiscreteScheduler": _euler_step,
-    "EulerAncestralDiscreteScheduler": _euler_step,
-    "DDIMScheduler": _ddim_step,
-}
-SUPPORTED_SCHEDULERS: tuple[str, ...] = tuple(_SCHEDULER_STEPS)
-"""Scheduler classes whose single step `OneStepGenerator.sample` reproduces differentiably."""
-
-
-@dataclasses.dataclass
-class _SingleStep:
-    """A private scheduler copy set to one step on a device, its timestep, and its differentiable step."""
-
-    scheduler: Any
-    timestep: Tensor
-    step: Callable[[Tensor, Tensor], Tensor]
-
-    @classmethod
-    def build(cls, source: Any, device: torch.device) -> _SingleStep:
-        # A copy, because set_timesteps mutates the scheduler and the user's pipeline must keep working with
-        # whatever number of steps they call it with.
-        scheduler = type(source).from_config(source.config)
-        if torch.device(device).type == "meta":
-            # A meta denoiser (FLOP counting, shape checks) holds no values to read sigmas from; the schedule's 0-d
-            # CPU tensors still act as scalars next to meta activations.
-            device = torch.device("cpu")
-        scheduler.set_timesteps(1, device=device)
-        if hasattr(scheduler, "set_begin_index"):
-            # Pins the step index to 0 so that scale_model_input never searches the timesteps (a device sync).
-            scheduler.set_begin_index(0)
-        step = _SCHEDULER_STEPS[type(scheduler).__name__](scheduler, device)
-        return cls(scheduler=scheduler, timestep=scheduler.timesteps[0], step=step)
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------------------------
 
 _GeneratorT = TypeVar("_GeneratorT", bound="type[OneStepGenerator]")
-_REGISTRY: dict[type, type[OneStepGenerator]] = {}
-SUPPORTED_PIPELINES: Mapping[type, type[OneStepGenerator]] = MappingProxyType(_REGISTRY)
+GENERATORS: dict[type, type[OneStepGenerator]] = {}
+SUPPORTED_PIPELINES: Mapping[type, type[OneStepGenerator]] = MappingProxyType(GENERATORS)
 """Live, read-only view of the registry: pipeline class -> generator adapter class."""
 
 
@@ -263,10 +40,16 @@ def register_generator(pipeline_cls: type) -> Callable[[_GeneratorT], _Generator
     def decorator(generator_cls: _GeneratorT) -> _GeneratorT:
         if not (isinstance(generator_cls, type) and issubclass(generator_cls, OneStepGenerator)):
             raise TypeError(f"{generator_cls!r} must be a subclass of OneStepGenerator.")
-        _REGISTRY[pipeline_cls] = generator_cls
+        GENERATORS[pipeline_cls] = generator_cls
         return generator_cls
 
     return decorator
+
+
+def evaluation_seed(seed: int, index: int) -> int:
+    """The noise seed of image ``(seed, index)`` in an evaluation: ``seed * 10**6 + index``, the paper's protocol, so
+    the prompt at `index` gets the same noise under a given seed whatever else is evaluated with it."""
+    return int(seed) * 10**6 + int(index)
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:
@@ -307,9 +90,9 @@ class OneStepGenerator:
         self.resolution: int = int(resolution) if resolution is not None else self._default_resolution()
         self._reference_denoiser: nn.Module | None = None
         self._vae_fp32: nn.Module | None = None
-        self._steps: dict[str, _SingleStep] = {}
+        self._steps: dict[str, SingleStep] = {}
         scheduler_name = type(pipeline.scheduler).__name__
-        if scheduler_name not in _SCHEDULER_STEPS:
+        if scheduler_name not in SCHEDULER_STEPS:
             raise NotImplementedError(
                 f"OneStepGenerator cannot reproduce a step of {scheduler_name}; supported schedulers: "
                 f"{', '.join(SUPPORTED_SCHEDULERS)}."
@@ -331,9 +114,9 @@ class OneStepGenerator:
             TypeError: no adapter is registered for the pipeline's class.
         """
         for klass in type(pipeline).__mro__:
-            if klass in _REGISTRY:
-                return _REGISTRY[klass](pipeline, resolution=resolution)
-        supported = ", ".join(sorted(k.__name__ for k in _REGISTRY)) or "none"
+            if klass in GENERATORS:
+                return GENERATORS[klass](pipeline, resolution=resolution)
+        supported = ", ".join(sorted(k.__name__ for k in GENERATORS)) or "none"
         raise TypeError(
             f"No one-step generator for {type(pipeline).__name__}. Supported pipelines: {supported}. To add one, "
             "subclass trl_drpo.generators.OneStepGenerator (implement `_encode` and `denoiser_kwargs`) and decorate "
@@ -437,10 +220,10 @@ class OneStepGenerator:
 
     # ---------------------------------------------------------------------------------------------------- sampling
 
-    def _single_step(self, device: torch.device) -> _SingleStep:
+    def _single_step(self, device: torch.device) -> SingleStep:
         key = str(device)
         if key not in self._steps:
-            self._steps[key] = _SingleStep.build(self.pipeline.scheduler, device)
+            self._steps[key] = SingleStep.build(self.pipeline.scheduler, device)
         return self._steps[key]
 
     def one_step(self, denoiser: nn.Module, embeds: PromptEmbeds, noise: Tensor) -> Tensor:
@@ -658,72 +441,3 @@ class OneStepGenerator:
     def decode_with_grad(self, latents: Tensor, chunk_size: int | None = None) -> Tensor:
         """:meth:`decode` keeping the graph to `latents`: float32 `(B, 3, H, W)` in [0, 1]."""
         return self.decode(latents, output_type="pt", chunk_size=chunk_size, requires_grad=True)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Adapters
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _timestep_cond(generator: OneStepGenerator, batch_size: int, latents: Tensor) -> Tensor | None:
-    # Guidance-distilled UNets (LCM-style `time_cond_proj_dim`) get the embedding of `guidance_scale - 1` with the
-    # guidance_scale=0.0 that one-step pipelines are called with.
-    dim = generator.unwrapped_denoiser.config.time_cond_proj_dim
-    if dim is None:
-        return None
-    w = torch.tensor(0.0 - 1).repeat(batch_size)
-    return generator.pipeline.get_guidance_scale_embedding(w, embedding_dim=dim).to(latents.device, latents.dtype)
-
-
-@register_generator(StableDiffusionPipeline)
-class StableDiffusionGenerator(OneStepGenerator):
-    """`StableDiffusionPipeline` (SD-Turbo, SD 1.x/2.x): one CLIP text encoder, max-length padding."""
-
-    def _encode(self, prompts: list[str]) -> PromptEmbeds:
-        prompt_embeds, _ = self.pipeline.encode_prompt(
-            prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        return PromptEmbeds(prompt_embeds=prompt_embeds)
-
-    def denoiser_kwargs(self, embeds: PromptEmbeds, latents: Tensor) -> dict[str, Any]:
-        return {
-            "encoder_hidden_states": embeds.prompt_embeds,
-            "timestep_cond": _timestep_cond(self, len(embeds), latents),
-        }
-
-
-@register_generator(StableDiffusionXLPipeline)
-class StableDiffusionXLGenerator(OneStepGenerator):
-    """`StableDiffusionXLPipeline` (SDXL-Turbo, SDXL): two text encoders, pooled embeddings, size time ids."""
-
-    def _encode(self, prompts: list[str]) -> PromptEmbeds:
-        prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        return PromptEmbeds(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
-
-    def time_ids(self, latents: Tensor, pooled: Tensor) -> Tensor:
-        """`(original_size, crop (0, 0), target_size)` for the latents' pixel size, as `pipe(height, width)` uses."""
-        size = (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
-        text_encoder_2 = self.pipeline.text_encoder_2
-        projection_dim = int(pooled.shape[-1]) if text_encoder_2 is None else int(text_encoder_2.config.projection_dim)
-        # `_get_add_time_ids` also checks the UNet's expected embedding width, with a helpful message.
-        time_ids = self.pipeline._get_add_time_ids(
-            size, (0, 0), size, dtype=pooled.dtype, text_encoder_projection_dim=projection_dim
-        )
-        return time_ids.to(latents.device).repeat(latents.shape[0], 1)
-
-    def denoiser_kwargs(self, embeds: PromptEmbeds, latents: Tensor) -> dict[str, Any]:
-        if embeds.pooled_prompt_embeds is None:
-            raise ValueError("SDXL denoisers need pooled prompt embeddings (PromptEmbeds.pooled_prompt_embeds).")
-        time_ids = embeds.add_time_ids
-        if time_ids is None:
-            time_ids = self.time_ids(latents, embeds.pooled_prompt_embeds)
-        return {
-            "encoder_hidden_states": embeds.prompt_embeds,
-            "timestep_cond": _timestep_cond(self, len(embeds), latents),
-            "added_cond_kwargs": {"text_embeds": embeds.pooled_prompt_embeds, "time_ids": time_ids},
-        }
-
-    def _needs_vae_upcast(self) -> bool:
-        return self.vae.dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
