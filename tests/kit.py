@@ -48,3 +48,13 @@ def with_kit_on_path(env: dict[str, str]) -> dict[str, str]:
     """`env` with this folder prepended to ``PYTHONPATH``, for scripts a test runs in a fresh interpreter."""
     paths = [KIT_DIR, *filter(None, [env.get("PYTHONPATH")])]
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+class UnloadableReward:
+    """A model reward whose weights cannot be found: `load()` raises, as a Hub reward does offline."""
+
+    def load(self) -> None:
+        raise OSError("no weights here")
+
+    def __call__(self, images, prompts) -> list[float]:
+        return [0.0] * len(images)

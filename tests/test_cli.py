@@ -152,6 +152,15 @@ def test_evaluate_without_an_adapter_reports_the_base_only(tmp_path):
     assert "base" in results and "tuned" not in results and results["num_images"] == 1
 
 
+def test_evaluate_loads_its_rewards_before_the_pipeline(tmp_path, monkeypatch):
+    from trl_drpo import cli
+
+    monkeypatch.setattr(cli, "_load_for_generation", lambda args: pytest.fail("the pipeline was loaded first"))
+    argv = ["evaluate", "--model_name_or_path", "trl-drpo/tiny-sd", "--prompts", "a cat"]
+    with pytest.raises(RuntimeError, match="could not be loaded: OSError"):
+        main([*argv, "--reward_funcs", "kit:UnloadableReward", "--output_file", str(tmp_path / "x.json")])
+
+
 def test_unknown_reward_name_lists_the_available_ones(tmp_path):
     argv = ["evaluate", "--model_name_or_path", "trl-drpo/tiny-sd", "--prompts", "a cat", "--reward_funcs", "pickscor"]
     with pytest.raises(KeyError, match="Available rewards:.*pickscore"):

@@ -373,6 +373,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
     prompts = read_prompts(args.prompts, args.prompts_file, args.prompt_column, args.prompts_split, args.max_prompts)
     funcs, _ = load_rewards(args.reward_funcs)
     rewards = RewardFunctions.build(funcs, args.reward_weights)
+    rewards.load()  # a reward that cannot load fails now, before the pipeline loads and renders
     pairs = [(seed, prompt) for seed in args.seeds for prompt in prompts]  # seed-major, as rendered
     repeated = [prompt for _, prompt in pairs]
     pipe = _load_for_generation(args)
