@@ -281,10 +281,7 @@ def _synthetic_rollout(
         {key: torch.randn_like(v) for key, v in feats.items()},
         config.drift,
     )
-    for terms in targets.terms.values():
-        for _, term in terms:
-            term.goal, term.sigma = term.goal.to(generator.device), term.sigma.to(generator.device)
-    return drpo_step.Rollout(embeds=embeds, noise=noise, targets=[targets])
+    return drpo_step.Rollout(embeds=embeds, noise=noise, targets=[targets.to(generator.device)])
 
 
 def memory_vs_k_meta(

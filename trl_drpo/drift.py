@@ -303,6 +303,14 @@ class DrPOTargets:
     num_candidates: int
     metrics: dict[str, torch.Tensor]
 
+    def to(self, device: torch.device | str) -> DrPOTargets:
+        """Move the stored goals and scales to `device`, in place (the regression runs where the features live);
+        returns `self`."""
+        for terms in self.terms.values():
+            for _, term in terms:
+                term.goal, term.sigma = term.goal.to(device), term.sigma.to(device)
+        return self
+
     def loss(self, features: Mapping[str, torch.Tensor], start: int = 0) -> torch.Tensor:
         """DrPO loss per row for candidates ``start:start+k`` whose features are ``(B, k, T, D)`` per key.
 

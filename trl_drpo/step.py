@@ -143,14 +143,6 @@ class Rollout:
         return [b for b, target in enumerate(self.targets) if target is not None]
 
 
-def _targets_to(target: DrPOTargets | None, device: torch.device) -> DrPOTargets | None:
-    if target is not None:
-        for terms in target.terms.values():
-            for _, term in terms:
-                term.goal, term.sigma = term.goal.to(device), term.sigma.to(device)
-    return target
-
-
 def rollout(
     generator: OneStepGenerator,
     denoiser: torch.nn.Module,
@@ -247,7 +239,7 @@ def rollout(
         else:
             targets = drpo_targets_per_prompt(features, anchors[0], anchors[1], ref_features, settings.drift)
         if latents.device != next(iter(features.values())).device:
-            targets = [_targets_to(target, latents.device) for target in targets]
+            targets = [None if target is None else target.to(latents.device) for target in targets]
     return Rollout(
         embeds=embeds,
         noise=noise,
