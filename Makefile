@@ -25,8 +25,9 @@ $(STAMP): setup.cfg pyproject.toml
 demo: venv
 	$(PY) -m trl_drpo.demo
 
+# Two workers of one thread each: most tests are small models whose time is Python overhead, not arithmetic.
 test: venv
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 # Measurements (FLOPs per update, CPU timings, memory vs K): writes benchmarks/results/ and the README table.
 bench: venv

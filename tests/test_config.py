@@ -27,6 +27,12 @@ def test_defaults_are_the_papers_sd_turbo_recipe(tmp_path):
     assert (config.learning_rate, config.max_grad_norm, config.max_steps) == (1e-4, 1.0, 1000)
     assert config.gradient_accumulation_steps == 8 and config.per_device_train_batch_size == 1
     assert config.lr_scheduler_type == "constant_with_warmup" and config.warmup_steps == 0
+    assert config.mask_anchor_copies is False  # the authors' estimator
+
+
+def test_the_objective_gets_the_anchor_copy_mask_setting(tmp_path):
+    assert make(tmp_path, mask_anchor_copies=True).step_settings.drift.mask_anchor_copies is True
+    assert make(tmp_path).step_settings.drift.mask_anchor_copies is False
 
 
 def test_sdxl_preset_reproduces_the_teacher_script(tmp_path):

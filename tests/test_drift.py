@@ -357,6 +357,56 @@ def test_self_masking_requires_the_negatives_to_be_the_generated_set():
         drift_field(gen, pos, neg, positive_weight=1.0, negative_weight=1.0, radii=RADII, mask_self_negatives=True)
 
 
+def test_anchor_sources_naming_every_negative_mask_like_the_reference_terms_self_mask():
+    gen, pos, _ = make_sets(seed=19, batch=1)
+    by_flag = field_of(gen, pos, gen, mask_self_negatives=True)
+    by_sources = field_of(gen, pos, gen, negative_sources=torch.arange(gen.shape[1]))
+    torch.testing.assert_close(by_sources, by_flag)
+
+
+def test_a_positive_that_copies_a_candidate_no_longer_pushes_that_candidate_away_from_the_negatives():
+    # One dimension: candidates at 0, 1 and 5; the candidate at 0 won (positive), the one at 5 lost (negative).
+    gen = torch.tensor([[[0.0], [1.0], [5.0]]])
+    pos, neg = gen[:, [0]], gen[:, [2]]
+    sources = dict(positive_sources=torch.tensor([0]), negative_sources=torch.tensor([2]))
+    authors, masked = field_of(gen, pos, neg), field_of(gen, pos, neg, **sources)
+    # The authors' estimator: the winner's own copy inflates its positive mass, and it flees the loser hardest.
+    assert authors[0, 0, 0] < 0 and authors[0, 0].abs() > authors[0, 1].abs()
+    # Masked, the winner moves less than the candidate that did not win, which is still pulled towards it.
+    assert masked[0, 0].abs() < masked[0, 1].abs() and masked[0, 1, 0] < 0
+
+
+@pytest.mark.parametrize("sources", [torch.tensor([0, 1]), torch.tensor([6]), torch.tensor([-2])])
+def test_anchor_sources_must_name_one_candidate_or_none_per_anchor(sources):
+    gen, pos, neg = make_sets(seed=20, batch=1, n_gen=6, n_pos=1)
+    with pytest.raises(ValueError, match="positive_sources"):
+        drift_field(gen, pos, neg, positive_weight=1.0, negative_weight=1.0, radii=RADII, positive_sources=sources)
+
+
+def test_masking_anchor_copies_masks_every_token_of_each_anchor_candidate():
+    from trl_drpo.ranking import AnchorSelection
+
+    features = {"a": torch.randn(1, 5, 3, 4, generator=torch.Generator().manual_seed(21))}
+    selection = AnchorSelection(torch.tensor([1, 4]), torch.tensor([0]))
+    params = DriftHyperparams(reference_loss_weight=0.0, mask_anchor_copies=True)
+    (target,) = drpo_targets_from_anchors(features, None, [selection], params)
+    particles = features["a"].reshape(1, 15, 4)
+    tokens = torch.arange(3)
+    expected = drift_field(
+        particles,
+        particles[:, torch.cat([1 * 3 + tokens, 4 * 3 + tokens])],
+        particles[:, 0 * 3 + tokens],
+        positive_weight=params.positive_weight,
+        negative_weight=params.negative_weight,
+        radii=params.preference_radii,
+        positive_sources=torch.cat([1 * 3 + tokens, 4 * 3 + tokens]),
+        negative_sources=tokens,
+    )
+    torch.testing.assert_close(target.terms["a"][0][1].goal, expected.goal)
+    unmasked = drpo_targets_from_anchors(features, None, [selection], DriftHyperparams(reference_loss_weight=0.0))
+    assert (unmasked[0].terms["a"][0][1].goal - expected.goal).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels and anchor weights
 # ---------------------------------------------------------------------------------------------------------------

@@ -366,6 +366,43 @@ def test_push_to_hub_then_load_lora_weights_from_the_hub_reproduces_the_tuned_im
     assert (loaded["loaded"] - loaded["base"]).abs().max() > 1e-4, "the adapter must change the images"
 
 
+TRAIN_AND_PUSH_SCRIPT = """
+import sys
+from trl_drpo import DrPOTrainer
+from kit import mean_brightness, tiny_drpo_config
+from trl_drpo.tiny_pipelines import tiny_sd_pipeline
+
+out, secret = sys.argv[1], sys.argv[2]
+config = tiny_drpo_config(out, max_steps=2, save_strategy="steps", save_steps=1, push_to_hub=True,
+                          hub_model_id="user/tiny", hub_token=secret, hub_strategy="checkpoint")
+trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=["a red apple", "a blue car"])
+trainer.train()
+trainer.push_to_hub()
+"""
+
+
+@pytest.mark.slow
+def test_pushes_during_training_carry_the_adapter_and_card_and_nothing_pickled_secret_or_local(tmp_path):
+    out = tmp_path / "out"
+    with FakeHub() as hub:
+        base_env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING"))}
+        env = with_kit_on_path({**base_env, **hub.env(tmp_path / "hf_home", token=None), "OMP_NUM_THREADS": "1"})
+        _run("train_and_push", TRAIN_AND_PUSH_SCRIPT, [str(out), SECRET], env, tmp_path)
+        commits = list(hub.repo("user/tiny").commits)
+
+    messages = [commit.message for commit in commits]
+    assert {"Training in progress, step 1", "Training in progress, step 2"} <= set(messages)
+    for commit in commits[1:]:  # every commit after the repo's creation is a loadable model with its card
+        assert {LORA_WEIGHT_NAME, "README.md"} <= set(commit.files), commit.message
+        for name, stored in commit.files.items():
+            assert not name.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle")), name
+            assert SECRET.encode() not in stored.content, name
+            assert str(tmp_path).encode() not in stored.content, name
+    assert f"last-checkpoint/{LORA_WEIGHT_NAME}" in commits[-1].files
+    assert commits[-1].files[LORA_WEIGHT_NAME].content == (out / LORA_WEIGHT_NAME).read_bytes()  # the final push
+    assert not list(out.rglob("training_args.bin"))
+
+
 def test_a_readme_the_trainer_did_not_write_is_never_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -124,7 +124,7 @@ def test_offline_steps_move_samples_towards_the_chosen_images_and_away_from_the_
     trainer.train()
     after = feature_distances(trainer, ["a 7"] * 8, (chosen, rejected))
     assert after[0] < before[0] and after[1] > before[1], (before, after)
-    assert len(trainer._preference_cache) == 2  # each row's images were encoded once
+    assert len(trainer._preference_latents) == 2  # each row's images were encoded once
 
 
 def test_an_offline_run_saves_a_loadable_adapter_and_refuses_to_evaluate(tmp_path):

@@ -112,6 +112,8 @@ def drift_field(
     radii: Sequence[float],
     kernel: str = "laplacian",
     mask_self_negatives: bool = False,
+    positive_sources: torch.Tensor | None = None,
+    negative_sources: torch.Tensor | None = None,
     drift_step: float = 1.0,
     affinity_floor: float = 1e-6,
     self_mask_penalty: float = 100.0,
@@ -128,6 +130,11 @@ def drift_field(
         kernel: ``"laplacian"`` (alias ``"exponential"``), ``"rbf"`` or ``"cosine"``.
         mask_self_negatives: the negatives are the generated set itself (``M == N``, reference term); mask each
             sample's own copy among them.
+        positive_sources: ``(P,)`` integer tensor: for each positive anchor that is a copy of a generated sample,
+            that sample's index in ``[0, N)`` (-1 for none). The pair (sample, its own copy) is masked like a self
+            pair, so that a candidate chosen as an anchor is not pulled by or pushed from itself (docs/method.md §2).
+            None (the authors' estimator) masks nothing.
+        negative_sources: ``(M,)``, likewise for the negative anchors.
         drift_step: multiplier on the normalised field (the paper's ``eta`` is the anchor weight; keep 1.0).
         affinity_floor: clamp of the product of the two softmaxes before the square root.
         self_mask_penalty: logit penalty ``penalty / r`` on masked self pairs.
@@ -148,6 +155,14 @@ def drift_field(
         raise ValueError(
             f"mask_self_negatives=True requires the negatives to be the generated set ({n_gen} samples), got {n_neg}."
         )
+    for name, sources, count in (
+        ("positive_sources", positive_sources, n_pos),
+        ("negative_sources", negative_sources, n_neg),
+    ):
+        if sources is not None and (sources.shape != (count,) or bool(((sources < -1) | (sources >= n_gen)).any())):
+            raise ValueError(
+                f"`{name}` must hold one index in [-1, {n_gen}) per anchor ({count}), got {sources.tolist()}."
+            )
     radii = [float(r) for r in radii]
     if not radii or any(not math.isfinite(r) or r <= 0 for r in radii):
         raise ValueError(f"`radii` must be a non-empty list of positive numbers, got {radii}.")
@@ -182,6 +197,10 @@ def drift_field(
         self_mask[:, :n_gen] = eye
         if mask_self_negatives:
             self_mask[:, n_gen : n_gen + n_neg] = eye
+        for offset, sources in ((n_gen, negative_sources), (n_gen + n_neg, positive_sources)):
+            if sources is not None:
+                copies = torch.nonzero(sources >= 0).flatten()
+                self_mask[sources[copies].to(device), offset + copies.to(device)] = 1.0
 
         if kernel == "cosine":
             unit_x = torch.nn.functional.normalize(x, dim=-1)
@@ -272,6 +291,7 @@ class DriftHyperparams:
     kernel: str = "laplacian"
     aggregation: str = "sum"
     drift_step: float = 1.0
+    mask_anchor_copies: bool = False
 
     def __post_init__(self) -> None:
         self.kernel = canonical_kernel(self.kernel)
@@ -338,6 +358,7 @@ def drpo_targets(
     negatives: Mapping[str, torch.Tensor],
     reference: Mapping[str, torch.Tensor] | None,
     params: DriftHyperparams,
+    anchor_sources: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DrPOTargets:
     """Build the DrPO targets of docs/method.md §2 for every feature key.
 
@@ -348,6 +369,8 @@ def drpo_targets(
         reference: key -> ``(B, K, T, D)`` features of the reference (base generator) samples from the same noise,
             or None when ``params.reference_loss_weight == 0``.
         params: the objective's numbers.
+        anchor_sources: ``(positives, negatives)`` index tensors ``(P,)`` and ``(M,)``: the candidate each anchor
+            is a copy of. With ``params.mask_anchor_copies`` each candidate's own copy is masked (see `drift_field`).
 
     Returns:
         `DrPOTargets`; its ``metrics`` hold per-row diagnostics averaged over keys (``feature_scale``,
@@ -383,6 +406,12 @@ def drpo_targets(
         num_candidates = gen.shape[1] if num_candidates is None else num_candidates
         tokens[key] = gen.shape[2]
         gen_set = as_feature_set(gen)
+        sources = {}
+        if params.mask_anchor_copies and anchor_sources is not None:
+            # Anchor token t of candidate c is a copy of generated particle c * T + t.
+            token = torch.arange(tokens[key])
+            for name, index in zip(("positive_sources", "negative_sources"), anchor_sources):
+                sources[name] = (index.cpu().long()[:, None] * tokens[key] + token).flatten()
         pref = drift_field(
             gen_set,
             as_feature_set(positives[key]),
@@ -392,6 +421,7 @@ def drpo_targets(
             radii=params.preference_radii,
             kernel=params.kernel,
             drift_step=params.drift_step,
+            **sources,
         )
         terms[key] = [(key_factor, pref)]
         accumulate("loss_pref", pref.loss(gen_set))
@@ -451,6 +481,7 @@ def drpo_targets_from_anchors(
                 {key: value[:, selection.negatives] for key, value in row.items()},
                 {key: value[b : b + 1] for key, value in reference.items()} if reference else None,
                 params,
+                anchor_sources=(selection.positives, selection.negatives),
             )
         )
     return targets

@@ -141,6 +141,12 @@ class DrPOConfig(TrainingArguments):
             Kernel of both fields: `"laplacian"` (alias `"exponential"`), `"rbf"` or `"cosine"`.
         drift_step (`float`, *optional*, defaults to `1.0`):
             Multiplier on the normalised field in the regression target.
+        mask_anchor_copies (`bool`, *optional*, defaults to `False`):
+            Mask each candidate's own copy among the preference anchors. The authors' estimator does not: a candidate
+            chosen as a positive then finds itself at distance zero, which inflates its positive mass and pushes it
+            away from the negatives at full strength (docs/method.md §2). `True` leaves it pulled by the other
+            positives and pushed by the negatives with their natural masses, which keeps winning candidates where
+            they are; the digit-world preset sets it.
 
         > Parameters that control the feature space
 
@@ -250,6 +256,9 @@ class DrPOConfig(TrainingArguments):
     )
     kernel: str = field(default="laplacian", metadata={"help": "Drift kernel: laplacian, rbf or cosine."})
     drift_step: float = field(default=1.0, metadata={"help": "Multiplier on the normalised drift."})
+    mask_anchor_copies: bool = field(
+        default=False, metadata={"help": "Mask each candidate's own copy among the preference anchors."}
+    )
 
     feature_map: str = field(default="denoiser", metadata={"help": "Frozen feature map phi."})
     feature_keys: list[str] | None = field(default=None, metadata={"help": "Feature keys; None = map defaults."})
@@ -382,6 +391,7 @@ class DrPOConfig(TrainingArguments):
             kernel=self.kernel,
             aggregation=self.feature_aggregation,
             drift_step=self.drift_step,
+            mask_anchor_copies=self.mask_anchor_copies,
         )
 
     @classmethod

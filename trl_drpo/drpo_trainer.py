@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import os
 import time
@@ -17,7 +16,7 @@ import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_utils import HubStrategy
 
 from .checkpoints import checkpoint_problems, latest_complete_checkpoint
 from .drift import DrPOTargets
@@ -25,83 +24,34 @@ from .drpo_config import DrPOConfig
 from .features import build_feature_map
 from .generators import OneStepGenerator, evaluation_seed
 from .hub import (
+    CONFIG_NAME,
     LORA_WEIGHT_NAME,
+    CheckpointPushCallback,
     check_card_is_ours,
     load_adapter,
+    load_denoiser,
     public_config_json,
     render_model_card,
     save_adapter,
+    upload_model_files,
 )
 from .preferences import (
-    CHOSEN_COLUMN,
-    PREFERENCE_ID_COLUMN,
-    REJECTED_COLUMN,
+    PreferenceLatents,
     is_preference_dataset,
     load_preference_dataset,
-    to_rgb_image,
 )
 from .prompts import PromptCollator, load_prompt_dataset
-from .scoring import RewardFunctions, to_pil
-from .step import StepHooks, micro_step
-from .visualization import image_grid
+from .reporting import ReportingCallbackHandler, log_candidates
+from .scoring import RewardFunctions
+from .step import TIMING_PHASES, StepHooks, micro_step
 
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "drpo_config.json"
-# The step's components (`trl_drpo.step.StepHooks.meter` names), summed into the phases logged as `timing/<phase>`.
-_TIMING_PHASES = {
-    "generation/text": "rollout",
-    "generation/rollout": "rollout",
-    "generation/reference": "rollout",
-    "decode": "rollout",
-    "reward": "reward",
-    "features/rollout": "field",
-    "features/reference": "field",
-    "features/anchors": "field",
-    "field": "field",
-    "generation/regenerate": "backward",
-    "features/regenerate": "backward",
-    "backward": "backward",
-}
 _DEEPSPEED_CHUNK_ERROR = (
     "DeepSpeed steps its engine on every backward call, so the chunked gradient pass cannot run under it: set "
     "candidate_chunk_size=None (one graph over all candidates) with DeepSpeed."
 )
-
-
-class _ConfigView(dict):
-    """A diffusers model config with the two methods transformers' reporting callbacks call on `model.config`."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self, indent=2, sort_keys=True, default=str)
-
-
-class _CallbackModel:
-    """What reporting callbacks see as the model: the denoiser, with a `config` they can serialise (diffusers
-    configs are FrozenDicts, which TensorBoard's and W&B's callbacks cannot)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self._model = model
-        self.config = _ConfigView(getattr(model, "config", {}) or {})
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-
-class _DrPOCallbackHandler(CallbackHandler):
-    """Hands callbacks a `_CallbackModel` whenever the trainer (re)assigns `model`."""
-
-    @property
-    def model(self) -> Any:
-        return self._model_view
-
-    @model.setter
-    def model(self, value: Any) -> None:
-        self._model_view = _CallbackModel(value) if value is not None else None
 
 
 def _resolve_reward_names(reward_funcs: Any) -> Any:
@@ -195,7 +145,7 @@ class DrPOTrainer(Trainer):
                 split=args.dataset_train_split,
                 config_name=args.dataset_config,
             )
-        self._preference_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._preference_latents = PreferenceLatents(self.generator.encode_images)
         if eval_dataset is None and args.eval_prompts:
             eval_dataset = list(args.eval_prompts)
         if eval_dataset is not None:
@@ -232,10 +182,17 @@ class DrPOTrainer(Trainer):
         self.peft_config = peft_config
         # transformers would call `gradient_checkpointing_enable`, which diffusers models do not have: switch it on
         # through diffusers' own API and take the flag off the arguments so the Trainer does not try again.
+        # Changes below go to the Trainer's copy of the arguments; the user's config keeps its values.
+        user_args, args = args, copy.deepcopy(args)
         if args.activation_checkpointing or args.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
-            args = copy.deepcopy(args)  # the user's config keeps its flags; only the Trainer's copy loses them
             args.activation_checkpointing = args.gradient_checkpointing = False
+        # transformers' in-training push uploads its own list of file names (none of them the adapter) with the
+        # training arguments pickled, Hub token included: DrPO pushes its checkpoints itself, model files only.
+        callbacks = list(callbacks or [])
+        if args.push_to_hub and args.hub_strategy != HubStrategy.END:
+            callbacks.append(CheckpointPushCallback(self, user_args.hub_strategy))
+            args.hub_strategy = HubStrategy.END
 
         super().__init__(
             model=denoiser,
@@ -251,7 +208,7 @@ class DrPOTrainer(Trainer):
         ):  # DeepSpeed may come from the accelerate config, not from args
             raise ValueError(_DEEPSPEED_CHUNK_ERROR)
         handler = self.callback_handler
-        self.callback_handler = _DrPOCallbackHandler(
+        self.callback_handler = ReportingCallbackHandler(
             handler.callbacks, self.model, self.processing_class, self.optimizer, self.lr_scheduler
         )
         self.generator.pipeline.to(self.accelerator.device)
@@ -327,7 +284,7 @@ class DrPOTrainer(Trainer):
         def meter(name: str) -> Iterator[None]:
             tick = time.perf_counter()
             yield
-            timings[_TIMING_PHASES[name]] += time.perf_counter() - tick
+            timings[TIMING_PHASES[name]] += time.perf_counter() - tick
 
         hooks = StepHooks(
             meter=meter,
@@ -354,27 +311,17 @@ class DrPOTrainer(Trainer):
         self._record_step(rollout.scores, rollout.targets, timings)
         step = self.state.global_step
         logs_images = args.log_images_steps and step % args.log_images_steps == 0 and rollout.images is not None
-        if logs_images and self._images_logged_step != step:
+        if logs_images and self._images_logged_step != step and self.is_world_process_zero():
             self._images_logged_step = step
-            self._log_images(rollout.images[:k], rollout.scores[:, :k], prompts[0])
+            candidates, scores, names = rollout.images[:k], rollout.scores[:, :k], self.reward_funcs.names
+            log_candidates(
+                self.callback_handler.callbacks, args.report_to, candidates, scores, names, prompts[0], step
+            )
         return loss
 
     # ------------------------------------------------------------------------------------------------------------
     # Metrics and logging
     # ------------------------------------------------------------------------------------------------------------
-
-    def _preference_latents(self, columns: dict[str, list[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(chosen, rejected)` latents `(B, 1, C, h, w)` of a batch of preference rows, each row's images encoded
-        once and kept on the CPU (`OneStepGenerator.encode_images`)."""
-        pairs = []
-        for row, chosen, rejected in zip(
-            columns[PREFERENCE_ID_COLUMN], columns[CHOSEN_COLUMN], columns[REJECTED_COLUMN]
-        ):
-            if row not in self._preference_cache:
-                latents = self.generator.encode_images([to_rgb_image(chosen), to_rgb_image(rejected)]).cpu()
-                self._preference_cache[row] = (latents[0], latents[1])
-            pairs.append(self._preference_cache[row])
-        return tuple(torch.stack([pair[i] for pair in pairs])[:, None] for i in range(2))
 
     def _record_step(
         self, scores: torch.Tensor | None, targets: list[DrPOTargets | None], timings: dict[str, float]
@@ -406,26 +353,6 @@ class DrPOTrainer(Trainer):
         logs = {**logs, **{prefix + key: sum(values) / len(values) for key, values in sorted(merged.items())}}
         self._metrics[mode].clear()
         super().log(logs, start_time)
-
-    def _log_images(self, images: torch.Tensor, scores: torch.Tensor, prompt: str) -> None:
-        if not self.is_world_process_zero():
-            return
-        grid = image_grid(images)
-        caption = f"{prompt} | " + ", ".join(
-            f"{name}: " + " ".join(f"{s:.3g}" for s in row.tolist())
-            for name, row in zip(self.reward_funcs.names, scores)
-        )
-        step = self.state.global_step
-        for callback in self.callback_handler.callbacks:
-            writer = getattr(callback, "tb_writer", None)
-            if writer is not None:
-                writer.add_image("train/candidates", grid, step)
-                writer.add_text("train/candidates_rewards", caption, step)
-        if "wandb" in (self.args.report_to or []):
-            import wandb
-
-            if wandb.run is not None:
-                wandb.log({"train/candidates": wandb.Image(to_pil(grid[None])[0], caption=caption)}, step=step)
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation
@@ -535,14 +462,7 @@ class DrPOTrainer(Trainer):
         if self.args.use_lora:
             load_adapter(denoiser, resume_from_checkpoint)
         else:
-            from diffusers.models.model_loading_utils import load_state_dict
-
-            folder = os.path.join(resume_from_checkpoint, "unet")
-            files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
-            state = {}
-            for name in files:
-                state.update(load_state_dict(os.path.join(folder, name)))
-            denoiser.load_state_dict(state)
+            load_denoiser(denoiser, resume_from_checkpoint)
 
     def _write_model_card(self, output_dir: str, **kwargs: Any) -> None:
         check_card_is_ours(output_dir)
@@ -585,4 +505,33 @@ class DrPOTrainer(Trainer):
             dataset_name=dataset_name,
             extra_tags=extra_tags,
             sample_grid=sample_grid,
+        )
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Save the model to `args.output_dir` and upload only its files (`trl_drpo.hub.MODEL_FILES`) and the card's
+        sample grid (`sample_grid=`, relative to `output_dir`; other kwargs go to `create_model_card`): never the
+        pickled training arguments, logs or other files. Returns the `CommitInfo` (a `Future` when not `blocking`)."""
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token)
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        return upload_model_files(
+            self.args.output_dir,
+            self.hub_model_id,
+            commit_message=commit_message or "End of training",
+            token=token,
+            revision=revision if revision is not None else self.args.hub_revision,
+            extra_files=(kwargs.get("sample_grid") or "",),
+            blocking=blocking,
         )

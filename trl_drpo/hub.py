@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import TrainerCallback
 
 
 if TYPE_CHECKING:
@@ -17,7 +18,12 @@ if TYPE_CHECKING:
 
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+CONFIG_NAME = "drpo_config.json"
 MODEL_CARD_TEMPLATE = "drpo_lora.md"
+MODEL_FILES = (LORA_WEIGHT_NAME, "README.md", CONFIG_NAME, "unet/config.json", "unet/*.safetensors")
+"""What a saved DrPO model consists of, and all that is ever uploaded from its folder (plus the sample grid its card
+shows): never transformers' pickled training arguments (which hold the Hub token), optimizer or RNG state, logs, or
+any file the user keeps next to them."""
 
 
 def save_adapter(pipeline: Any, denoiser: torch.nn.Module, output_dir: str, adapter_name: str = "default") -> str:
@@ -51,6 +57,73 @@ def load_adapter(denoiser: torch.nn.Module, checkpoint_dir: str, adapter_name: s
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"The adapter at {path} does not match the model: unexpected keys {unexpected[:5]}.")
+
+
+def upload_model_files(
+    folder: str,
+    repo_id: str,
+    commit_message: str,
+    token: str | None = None,
+    revision: str | None = None,
+    path_in_repo: str | None = None,
+    extra_files: tuple[str, ...] = (),
+    blocking: bool = True,
+) -> Any:
+    """Upload the `MODEL_FILES` of `folder` (and `extra_files`, paths relative to it, such as the card's sample grid)
+    to the Hub model repo `repo_id` in one commit, under `path_in_repo` (default: the repo's root).
+
+    Returns `huggingface_hub`'s `CommitInfo` (a `Future` of it when `blocking=False`). Raises `FileNotFoundError`
+    when `folder` holds neither an adapter nor a full denoiser, so that no commit ever lacks the model.
+    """
+    from huggingface_hub import upload_folder
+
+    if not os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)) and not os.path.isdir(os.path.join(folder, "unet")):
+        raise FileNotFoundError(f"Nothing to push from {folder}: it holds no {LORA_WEIGHT_NAME} and no unet/ folder.")
+    return upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        path_in_repo=path_in_repo,
+        commit_message=commit_message,
+        token=token,
+        revision=revision,
+        allow_patterns=[*MODEL_FILES, *(name for name in extra_files if name)],
+        run_as_future=not blocking,
+    )
+
+
+class CheckpointPushCallback(TrainerCallback):
+    """Pushes each checkpoint the trainer saves, the way `hub_strategy` asks (`every_save`: the model files to the
+    repo's root; `checkpoint` / `all_checkpoints`: also under `last-checkpoint/` or `checkpoint-N/`), but only its
+    `MODEL_FILES`: every commit carries a loadable adapter and its card, and nothing pickled. The optimizer and RNG
+    state stay in the local checkpoint, so a run resumes from a local checkpoint folder, not from the Hub."""
+
+    def __init__(self, trainer: Any, hub_strategy: str) -> None:
+        self.trainer, self.hub_strategy = trainer, str(getattr(hub_strategy, "value", hub_strategy))
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        message = f"Training in progress, step {state.global_step}"
+        push = dict(repo_id=self.trainer.hub_model_id, token=args.hub_token, revision=args.hub_revision)
+        upload_model_files(folder, commit_message=message, **push)
+        if self.hub_strategy in ("checkpoint", "all_checkpoints"):
+            path = "last-checkpoint" if self.hub_strategy == "checkpoint" else os.path.basename(folder)
+            upload_model_files(folder, commit_message=message + ", checkpoint", path_in_repo=path, **push)
+
+
+def load_denoiser(denoiser: torch.nn.Module, checkpoint_dir: str) -> None:
+    """Load the fully fine-tuned denoiser that `save_pretrained` wrote to `checkpoint_dir/unet` (safetensors, possibly
+    sharded) into `denoiser` (used to resume training without LoRA)."""
+    from diffusers.models.model_loading_utils import load_state_dict
+
+    folder = os.path.join(checkpoint_dir, "unet")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"No DrPO denoiser at {folder}: is {checkpoint_dir!r} a DrPO checkpoint folder?")
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        state.update(load_state_dict(os.path.join(folder, name)))
+    denoiser.load_state_dict(state)
 
 
 CARD_MARKER = "<!-- trl_drpo model card:"

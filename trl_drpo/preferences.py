@@ -113,3 +113,31 @@ def load_preference_dataset(
 
 def _absolute(path: str, base_dir: str) -> str:
     return path if os.path.isabs(path) else os.path.join(base_dir, path)
+
+
+class PreferenceLatents:
+    """The chosen and rejected images of preference rows as latents, each row encoded once by `encode` (e.g.
+    `OneStepGenerator.encode_images`: a list of PIL images to `(N, C, h, w)` latents) and kept on the CPU."""
+
+    def __init__(self, encode: Any) -> None:
+        self._encode = encode
+        self._cache: dict[int, tuple[Any, Any]] = {}
+
+    def __len__(self) -> int:
+        """Rows encoded so far."""
+        return len(self._cache)
+
+    def __call__(self, columns: dict[str, list[Any]]) -> tuple[Any, Any]:
+        """`(chosen, rejected)` latents `(B, 1, C, h, w)` for a batch's `columns` (the dataset's columns as lists,
+        `preference_id` among them)."""
+        import torch
+
+        pairs = []
+        for row, chosen, rejected in zip(
+            columns[PREFERENCE_ID_COLUMN], columns[CHOSEN_COLUMN], columns[REJECTED_COLUMN]
+        ):
+            if row not in self._cache:
+                latents = self._encode([to_rgb_image(chosen), to_rgb_image(rejected)]).cpu()
+                self._cache[row] = (latents[0], latents[1])
+            pairs.append(self._cache[row])
+        return tuple(torch.stack([pair[i] for pair in pairs])[:, None] for i in range(2))

@@ -34,6 +34,24 @@ Scorer = Callable[[Tensor, list[str]], tuple[Tensor, Tensor]]
 differentiated."""
 
 
+TIMING_PHASES = {
+    "generation/text": "rollout",
+    "generation/rollout": "rollout",
+    "generation/reference": "rollout",
+    "decode": "rollout",
+    "reward": "reward",
+    "features/rollout": "field",
+    "features/reference": "field",
+    "features/anchors": "field",
+    "field": "field",
+    "generation/regenerate": "backward",
+    "features/regenerate": "backward",
+    "backward": "backward",
+}
+"""The step's components (the names `StepHooks.meter` is called with), summed into the phases the trainer logs as
+`timing/<phase>`."""
+
+
 @dataclass
 class StepSettings:
     """The numbers of one micro-step (`DrPOConfig` names; `DrPOConfig.step_settings` builds one).
