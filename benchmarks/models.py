@@ -7,8 +7,9 @@ is allocated, which is how FLOPs are counted for multi-billion-parameter models 
 weights are random-initialised directly on the GPU in `dtype` (no fp32 copy on the host). Tiny twins have the same
 structure with a few hundred thousand parameters, so the same code paths run on a CPU in milliseconds.
 
-The tokenizer of every pipeline is `trl_drpo.testing.tiny_clip_tokenizer` (byte-level, 77 tokens): the token ids it
-produces are valid for the real vocabularies too, and FLOPs depend only on the sequence length, which is CLIP's 77.
+The tokenizer of every pipeline is `trl_drpo.tiny_pipelines.tiny_clip_tokenizer` (byte-level, 77 tokens): the token
+ids it produces are valid for the real vocabularies too, and FLOPs depend only on the sequence length, which is CLIP's
+77.
 """
 
 from __future__ import annotations

@@ -32,14 +32,76 @@ LoRA format (``pipe.load_lora_weights(output_dir)``), ``drpo_config.json``, the 
 base-vs-tuned rewards on the held-out prompts and a sample grid (``samples.png``), and checkpoints.
 """
 
-from trl_drpo.cli import make_train_parser, train
+import os
+
+from trl import TrlParser
+
+from trl_drpo import DrPOConfig, DrPOTrainer
+from trl_drpo.cli import TrainScriptArguments, load_pipeline, resolve_dtype
 from trl_drpo.drpo_config import PRESETS
+from trl_drpo.hub import save_sample_grid
+from trl_drpo.prompts import held_out_prompts
+from trl_drpo.rewards import load_rewards
 
 
-def make_parser():
-    """`TrainScriptArguments` + `DrPOConfig`, defaulting to the paper's recipe and stabilityai/sd-turbo."""
-    parser = make_train_parser()
-    # The paper's recipe is the default; a --config file and the flags override it.
+def main(script_args: TrainScriptArguments, config: DrPOConfig) -> None:
+    # Settings a user can get wrong (a feature checkpoint that is missing) fail before anything downloads.
+    config.check_feature_map()
+
+    # 1. The one-step pipeline, served as pipe(prompt, num_inference_steps=1, guidance_scale=0.0): DrPO trains exactly
+    #    that computation, through the pipeline's own scheduler.
+    dtype = resolve_dtype(script_args.torch_dtype, fp16=config.fp16, bf16=config.bf16)
+    pipe = load_pipeline(
+        script_args.model_name_or_path,
+        torch_dtype=dtype,
+        variant=script_args.variant,
+        revision=script_args.model_revision,
+    )
+
+    # 2. The rewards: built-in names (pickscore, hpsv2, aesthetic, jpeg_compressibility, ...) or any callable
+    #    (images, prompts) -> one score per image. They only rank each prompt's candidates, so they may be black boxes;
+    #    several are z-scored per prompt and weighted by --reward_weights.
+    rewards, _ = load_rewards(script_args.reward_funcs)
+
+    # 3. Prompts: --dataset_name trains (a Hub dataset, or a local .txt/.csv/.jsonl/.parquet file); held-out prompts
+    #    (--eval_dataset_name, or --eval_prompts) measure the base against the tuned pipeline on fixed seeds.
+    eval_dataset, eval_prompts = held_out_prompts(
+        script_args.eval_dataset_name,
+        config.eval_prompts,
+        config.prompt_column,
+        script_args.eval_dataset_split,
+        script_args.max_eval_prompts,
+    )
+    if eval_dataset is None and eval_prompts:
+        config.eval_prompts = eval_prompts  # evaluate() reads them from the config
+
+    # 4. Train a LoRA adapter on the denoiser (K candidates per prompt, best and worst as anchors, the drift field in
+    #    the frozen feature space). --resume_from_checkpoint true resumes from the newest complete checkpoint.
+    trainer = DrPOTrainer(pipe, rewards, config, eval_dataset=eval_dataset)
+    resume = config.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() in ("true", "latest") else resume)
+
+    # 5. Measure, save and share: base-vs-tuned rewards (in the model card), a sample grid (base row above the tuned
+    #    row, same seeds), the adapter in diffusers' LoRA format, and the Hub push with --push_to_hub.
+    if eval_prompts:
+        trainer.save_metrics("eval", trainer.evaluate())
+    grid = None
+    sample_prompts = list(script_args.sample_prompts or eval_prompts[:4])
+    if sample_prompts:
+        grid = "samples.png"
+        save_sample_grid(trainer, sample_prompts, list(config.eval_seeds)[:2], os.path.join(config.output_dir, grid))
+    trainer.save_model(config.output_dir)
+    trainer.create_model_card(sample_grid=grid)
+    if config.push_to_hub:
+        trainer.push_to_hub(sample_grid=grid)
+    if trainer.is_world_process_zero():
+        print(f"Adapter, model card and samples in {config.output_dir}: pipe.load_lora_weights({config.output_dir!r})")
+
+
+def make_parser() -> TrlParser:
+    """`TrainScriptArguments` + `DrPOConfig`, defaulting to the paper's recipe and stabilityai/sd-turbo: a
+    ``--config`` YAML file overrides the recipe, and flags override the file."""
+    parser = TrlParser((TrainScriptArguments, DrPOConfig))
     parser.set_defaults(
         **PRESETS["sd_turbo_paper"], model_name_or_path="stabilityai/sd-turbo", output_dir="drpo-sd-turbo"
     )
@@ -47,9 +109,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    script_args, training_args = make_parser().parse_args_and_config()
-    # Loads the pipeline and the rewards, trains, evaluates on the held-out prompts, then writes the adapter, the
-    # model card and a sample grid to --output_dir (and pushes them with --push_to_hub): see trl_drpo.cli.train.
-    trainer = train(script_args, training_args)
-    if trainer.is_world_process_zero():
-        print(f"Adapter, model card and samples in {training_args.output_dir}")
+    main(*make_parser().parse_args_and_config())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from trl_drpo.prompts import load_prompt_dataset
+from trl_drpo.prompts import held_out_prompts, load_prompt_dataset
 
 
 EXPECTED = ["a cat", "a red car", "ünïcödé prompt"]
@@ -61,3 +61,12 @@ def test_lists_and_datasets_pass_through():
     assert load_prompt_dataset(["a", "b"])["prompt"] == ["a", "b"]
     dataset = Dataset.from_dict({"prompt": ["x"]})
     assert load_prompt_dataset(dataset) is dataset
+
+
+def test_held_out_prompts_come_from_the_dataset_when_named_else_from_the_list(tmp_path):
+    path = tmp_path / "held_out.txt"
+    path.write_text("a house\na tree\na boat\n")
+    dataset, prompts = held_out_prompts(str(path), ["ignored"], max_prompts=2)
+    assert prompts == ["a house", "a tree"] and len(dataset) == 2
+    assert held_out_prompts(None, ["a cat", "a dog"], max_prompts=1) == (None, ["a cat"])
+    assert held_out_prompts(None, None) == (None, [])

@@ -31,6 +31,18 @@ def lora_state(trainer) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainer.generator.denoiser.named_parameters() if "lora" in name}
 
 
+def test_the_initial_adapter_depends_on_the_seed_and_not_on_the_global_random_state(tmp_path):
+    def initial_adapter(seed: int, global_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        config = small_config(tmp_path, seed=seed)
+        return lora_state(DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS))
+
+    first, again = initial_adapter(seed=0, global_seed=1), initial_adapter(seed=0, global_seed=2)
+    other = initial_adapter(seed=1, global_seed=1)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert any(not torch.equal(first[name], other[name]) for name in first)
+
+
 def test_training_changes_every_lora_parameter_and_nothing_else(tmp_path):
     pipe = tiny_sd_pipeline()
     before = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}

@@ -271,7 +271,7 @@ def train(script_args: TrainScriptArguments, config: DrPOConfig) -> DrPOTrainer:
     Hub when ``config.push_to_hub``. Returns the trainer."""
     from .drpo_trainer import DrPOTrainer
     from .hub import save_sample_grid
-    from .prompts import load_prompt_dataset
+    from .prompts import held_out_prompts
     from .rewards import load_rewards
 
     config.check_feature_map()  # before the pipeline downloads
@@ -283,18 +283,15 @@ def train(script_args: TrainScriptArguments, config: DrPOConfig) -> DrPOTrainer:
         revision=script_args.model_revision,
     )
     rewards, _ = load_rewards(script_args.reward_funcs)  # weights come from config.reward_weights
-    eval_dataset = None
-    eval_prompts = list(config.eval_prompts or [])
-    if script_args.eval_dataset_name:
-        eval_dataset = load_prompt_dataset(
-            script_args.eval_dataset_name, prompt_column=config.prompt_column, split=script_args.eval_dataset_split
-        )
-        if script_args.max_eval_prompts is not None:
-            eval_dataset = eval_dataset.select(range(min(script_args.max_eval_prompts, len(eval_dataset))))
-        eval_prompts = [row[config.prompt_column] for row in eval_dataset]
-    elif script_args.max_eval_prompts is not None and eval_prompts:
-        config.eval_prompts = eval_prompts = eval_prompts[: script_args.max_eval_prompts]
-
+    eval_dataset, eval_prompts = held_out_prompts(
+        script_args.eval_dataset_name,
+        config.eval_prompts,
+        config.prompt_column,
+        script_args.eval_dataset_split,
+        script_args.max_eval_prompts,
+    )
+    if eval_dataset is None and eval_prompts:
+        config.eval_prompts = eval_prompts
     trainer = DrPOTrainer(pipe, rewards, config, eval_dataset=eval_dataset)
     resume = config.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "latest"):

@@ -222,6 +222,8 @@ class DrPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep dataset columns: rewards may take them as keyword arguments."}
     )
+    # Batches are prompt strings: there is nothing to pin, and pinning warns on every CPU run.
+    dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin dataloader memory (batches are text)."})
 
     num_generations: int = field(default=24, metadata={"help": "Candidates K per prompt."})
     resolution: int | None = field(default=None, metadata={"help": "Image size; None uses the pipeline's default."})

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import HubStrategy
 
 from .checkpoints import checkpoint_problems, latest_complete_checkpoint
@@ -164,6 +164,9 @@ class DrPOTrainer(Trainer):
                 "`resume_from_checkpoint` to `train()`. To start fresh, call `pipe.unload_lora_weights()`."
             )
         if args.use_lora:
+            # transformers seeds in `Trainer.__init__`, which runs after this: seed now, so that the adapter's initial
+            # weights (PEFT draws them from the global generator) are those of `args.seed` on every run.
+            set_seed(args.seed)
             if peft_config is None:
                 self.generator.add_lora(
                     rank=args.lora_rank,

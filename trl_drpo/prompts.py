@@ -94,3 +94,23 @@ class PromptCollator:
         batch = {key: [row[key] for row in rows] for key in rows[0]}
         batch["prompt"] = batch.pop(self.prompt_column)
         return batch
+
+
+def held_out_prompts(
+    dataset_name: str | None,
+    prompts: Sequence[str] | None = None,
+    prompt_column: str = "prompt",
+    split: str = "test",
+    max_prompts: int | None = None,
+) -> tuple[Dataset | None, list[str]]:
+    """The held-out evaluation prompts of a run: the first `max_prompts` (all when None) rows of the prompt dataset
+    `dataset_name` (anything `load_prompt_dataset` takes) when given, else of the list `prompts`.
+
+    Returns `(dataset, prompts)`: the `Dataset` (None when the prompts came from the list) and the prompts as strings.
+    """
+    if dataset_name:
+        dataset = load_prompt_dataset(dataset_name, prompt_column=prompt_column, split=split)
+        if max_prompts is not None:
+            dataset = dataset.select(range(min(max_prompts, len(dataset))))
+        return dataset, [row[prompt_column] for row in dataset]
+    return None, list(prompts or [])[:max_prompts]

@@ -7,10 +7,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.trainer_callback import CallbackHandler
 
-from .scoring import to_pil
 from .visualization import image_grid
 
 
@@ -71,10 +71,10 @@ def log_candidates(
     for callback in callbacks:
         writer = getattr(callback, "tb_writer", None)
         if writer is not None:
-            writer.add_image("train/candidates", grid, step)
+            writer.add_image("train/candidates", np.asarray(grid), step, dataformats="HWC")
             writer.add_text("train/candidates_rewards", caption, step)
     if "wandb" in (report_to or []):
         import wandb
 
         if wandb.run is not None:
-            wandb.log({"train/candidates": wandb.Image(to_pil(grid[None])[0], caption=caption)}, step=step)
+            wandb.log({"train/candidates": wandb.Image(grid, caption=caption)}, step=step)
