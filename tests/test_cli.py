@@ -78,6 +78,23 @@ def test_train_reads_a_yaml_config_and_flags_override_it(tmp_path):
     assert "## Evaluation" in (out / "README.md").read_text()
 
 
+def test_train_with_reward_none_learns_offline_from_a_preference_file(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (32, 32), (250, 250, 250)).save(tmp_path / "img" / "light.png")
+    Image.new("RGB", (32, 32), (5, 5, 5)).save(tmp_path / "img" / "dark.png")
+    rows = [{"prompt": p, "chosen": "img/light.png", "rejected": "img/dark.png"} for p in ("a cat", "a dog")]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    out = tmp_path / "out"
+    argv = ["train", "--config", os.path.join(REPO, "examples", "configs", "tiny_cpu.yaml"), "--reward_funcs", "none"]
+    argv += ["--dataset_name", str(tmp_path / "pairs.jsonl"), "--output_dir", str(out), "--max_steps", "1"]
+    assert main([*argv, "--num_generations", "4", "--disable_tqdm", "true"]) == 0
+    for name in (LORA_WEIGHT_NAME, "README.md", "drpo_config.json", "samples.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "eval_results.json").exists()  # nothing to score the held-out prompts with
+
+
 def test_sample_writes_a_png_per_prompt_and_seed_and_a_manifest(adapter, tmp_path):
     folder, _ = adapter
     out = tmp_path / "samples"

@@ -70,7 +70,8 @@ class TrainScriptArguments(ModelArguments):
         default_factory=lambda: ["pickscore"],
         metadata={
             "help": "Rewards by registered name (see trl_drpo.rewards.available_rewards()) or 'module:attribute'; "
-            "weigh them with --reward_weights."
+            "weigh them with --reward_weights. 'none' trains offline DrPO on the preference pairs (prompt, chosen, "
+            "rejected) of --dataset_name."
         },
     )
     eval_dataset_name: str | None = field(
@@ -282,7 +283,9 @@ def train(script_args: TrainScriptArguments, config: DrPOConfig) -> DrPOTrainer:
         variant=script_args.variant,
         revision=script_args.model_revision,
     )
-    rewards, _ = load_rewards(script_args.reward_funcs)  # weights come from config.reward_weights
+    # Offline DrPO (docs/method.md §9) learns from the dataset's chosen and rejected images: no reward to score with.
+    offline = [name.lower() for name in script_args.reward_funcs] == ["none"]
+    rewards = None if offline else load_rewards(script_args.reward_funcs)[0]  # weights: config.reward_weights
     eval_dataset, eval_prompts = held_out_prompts(
         script_args.eval_dataset_name,
         config.eval_prompts,
@@ -298,7 +301,7 @@ def train(script_args: TrainScriptArguments, config: DrPOConfig) -> DrPOTrainer:
         resume = True
     trainer.train(resume_from_checkpoint=resume)
 
-    if eval_prompts:
+    if eval_prompts and not offline:
         metrics = trainer.evaluate()
         trainer.save_metrics("eval", metrics)
     grid = None
