@@ -4,14 +4,22 @@ A `transformers.Trainer` writes a checkpoint's files one after the other; a run 
 that looks like the latest checkpoint but cannot be resumed. These checks read every file enough to know it is whole
 (JSON parsed, safetensors headers read, the zip archives `torch.save` writes verified by their CRCs) without loading
 any tensor, so resuming can skip an incomplete checkpoint or say which file is damaged.
+
+Weight files of any origin (reward models, feature maps) are read here too, the one place that loads a torch pickle:
+`read_weights_file` never executes pickled code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
 
 
 REQUIRED_FILES = ("trainer_state.json",)
@@ -89,3 +97,57 @@ def latest_complete_checkpoint(output_dir: str, weights_name: str | None = None)
             return folder, skipped
         skipped.extend(problems)
     return None, skipped
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weight files: read without executing pickled code
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint needs arbitrary pickled code to load, which we never run."""
+
+
+def read_weights_file(path: str | os.PathLike) -> Any:
+    """What a weights file holds, read without ever executing pickled code: the tensors of a ``.safetensors`` file
+    (a dict), or what ``torch.load(weights_only=True)`` rebuilds (tensors and plain containers) from anything else.
+
+    Raises:
+        UnsafeCheckpointError: the file holds pickled objects beyond tensors and containers.
+    """
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"Refusing to load {path!r}: it contains pickled objects other than tensors, and loading it would "
+            "execute arbitrary code. If you trust the file, re-save its state dict as safetensors "
+            "(`safetensors.torch.save_file(state_dict, 'model.safetensors')`) and pass that instead."
+        ) from err
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load the tensors of a checkpoint file without ever executing pickled code.
+
+    ``.safetensors`` files are read with `safetensors`; anything else goes through ``torch.load(weights_only=True)``,
+    whose restricted unpickler only rebuilds tensors and plain containers and refuses any other global. A checkpoint
+    that nests its weights under ``"state_dict"``, ``"model"`` or ``"module"`` (HPSv2, Lightning) is unwrapped.
+
+    Raises:
+        UnsafeCheckpointError: the file holds pickled objects beyond tensors and containers.
+    """
+    path = os.fspath(path)
+    obj = read_weights_file(path)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path!r} does not hold a state dict (got {type(obj).__name__}).")
+    state_dict = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state_dict:
+        raise ValueError(f"{path!r} holds no tensors.")
+    return state_dict

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoints import read_weights_file
 from ..generators import OneStepGenerator, PromptEmbeds
 from .base import (
     FeatureMap,
@@ -167,12 +167,7 @@ class LatentMAEResNet(nn.Module):
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path))
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj: Any = read_weights_file(path)
     metadata: dict[str, Any] = {}
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model_state_dict"):

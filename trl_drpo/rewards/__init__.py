@@ -29,12 +29,11 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
+from ..checkpoints import UnsafeCheckpointError, load_state_dict_file
 from .base import (
     ClipStylePreprocessor,
     PretrainedReward,
     Reward,
-    UnsafeCheckpointError,
-    load_state_dict_file,
     to_pil_images,
 )
 from .clip import AestheticScore, CLIPScore, PickScore, RewardMLP

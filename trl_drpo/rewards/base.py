@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -219,44 +218,6 @@ class ClipStylePreprocessor:
 # ---------------------------------------------------------------------------------------------------------------------
 # Files and checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint needs arbitrary pickled code to load, which we never run."""
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load the tensors of a checkpoint file without ever executing pickled code.
-
-    ``.safetensors`` files are read with `safetensors`; anything else goes through ``torch.load(weights_only=True)``,
-    whose restricted unpickler only rebuilds tensors and plain containers and refuses any other global. A checkpoint
-    that nests its weights under ``"state_dict"``, ``"model"`` or ``"module"`` (HPSv2, Lightning) is unwrapped.
-
-    Raises:
-        UnsafeCheckpointError: the file holds pickled objects beyond tensors and containers.
-    """
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(
-            f"Refusing to load {path!r}: it contains pickled objects other than tensors, and loading it would "
-            "execute arbitrary code. If you trust the file, re-save its state dict as safetensors "
-            "(`safetensors.torch.save_file(state_dict, 'model.safetensors')`) and pass that instead."
-        ) from err
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path!r} does not hold a state dict (got {type(obj).__name__}).")
-    state_dict = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not state_dict:
-        raise ValueError(f"{path!r} holds no tensors.")
-    return state_dict
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

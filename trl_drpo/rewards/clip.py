@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoints import load_state_dict_file
 from .base import (
     ClipStylePreprocessor,
     ImageBatch,
     PretrainedReward,
-    load_state_dict_file,
     resolve_file,
 )
 

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import load_state_dict_file, resolve_file, strip_prefix
+from ..checkpoints import load_state_dict_file
+from .base import resolve_file, strip_prefix
 from .clip import CLIPScore
 
 

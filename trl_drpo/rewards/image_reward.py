@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ClipStylePreprocessor, ImageBatch, PretrainedReward, load_json, load_state_dict_file, resolve_file
+from ..checkpoints import load_state_dict_file
+from .base import ClipStylePreprocessor, ImageBatch, PretrainedReward, load_json, resolve_file
 from .clip import RewardMLP
 
 
