@@ -24,7 +24,7 @@ Two rewards with weights, and a push to the Hub at the end:
 A CPU smoke run on the tiny offline pipeline (random weights, nothing downloaded):
 
     accelerate launch --cpu --num_processes 1 examples/train_sdxl_turbo.py --config examples/configs/tiny_cpu.yaml \\
-        --model_name_or_path trl-drpo/tiny-sdxl
+        --model_name_or_path trl-drpo/tiny-sdxl --output_dir drpo-tiny-sdxl
 
 Every `DrPOConfig` / `transformers.TrainingArguments` field is a flag, and ``--config`` takes a YAML file of them
 (flags win over the file, the file over the paper's defaults). ``--model_name_or_path`` takes a Hub id or a local

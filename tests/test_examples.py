@@ -167,7 +167,8 @@ def test_the_documented_cpu_smoke_commands_run_as_written(index, tmp_path):
         commands[index], shell=True, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (tmp_path / "drpo-tiny" / LORA_WEIGHT_NAME).is_file()
+    named = re.search(r"--output_dir (\S+)", commands[index])
+    assert (tmp_path / (named.group(1) if named else "drpo-tiny") / LORA_WEIGHT_NAME).is_file()
 
 
 def test_the_digits_yaml_reproduces_the_digits_preset(tmp_path):

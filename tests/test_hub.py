@@ -128,7 +128,13 @@ def test_card_links_a_hub_base_and_names_a_folder_base_without_a_link(tmp_path):
     folder = tiny_sd_pipeline()
     folder.register_to_config(_name_or_path=str(tmp_path / "my-base"))
     text = str(render(tmp_path, pipeline=folder))
-    assert "](#)" not in text and "A LoRA adapter for my-base, preference-tuned" in text
+    assert "](#)" not in text and "A LoRA adapter for my-base (a local folder), preference-tuned" in text
+    assert 'from_pretrained("path/to/my-base"' in text and str(tmp_path) not in text
+
+
+def test_card_quick_start_prompts_with_an_evaluation_prompt(tmp_path):
+    text = str(render(tmp_path, args=config(tmp_path, eval_prompts=['a "red" 7 above a 2'])))
+    assert 'pipe("a \\"red\\" 7 above a 2", num_inference_steps=1' in text
 
 
 def test_card_quick_start_uses_the_repo_the_trainer_pushed_to(tmp_path):

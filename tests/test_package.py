@@ -35,3 +35,34 @@ def test_importing_the_trainer_logs_no_warning_about_image_processors_it_does_no
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torchvision" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_every_subpackage_and_the_digit_worlds_weights(tmp_path):
+    import os
+    import shutil
+    import zipfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE", "trl_drpo", "model_cards"):
+        path = os.path.join(repo, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, source / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q"]
+    result = subprocess.run([*cmd, "-w", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Folders setuptools only picks up as data (with a deprecation warning) are dropped by newer setuptools.
+    assert "absent from the `packages` configuration" not in result.stderr, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("trl_drpo-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package = os.path.join(repo, "trl_drpo")
+    for folder, _, files in os.walk(package):
+        if "__init__.py" in files:
+            init = os.path.relpath(os.path.join(folder, "__init__.py"), repo).replace(os.sep, "/")
+            assert init in names, f"{init} is not in the wheel: add its package to setup.cfg"
+    assert "trl_drpo/worlds/digits/base/unet/diffusion_pytorch_model.safetensors" in names
+    assert "trl_drpo/model_cards/drpo_lora.md" in names

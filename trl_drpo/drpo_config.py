@@ -57,6 +57,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # paper's third of K) and the paper's anchor weights. Measured on this world (benchmarks/README.md): one token per
     # latent position (pool_size 1) moved a single caption where pooled features did not, and lr 1e-3 with a reference
     # weight of 0.5 kept the colours from drifting; no recipe yet improves the world's held-out captions as a whole.
+    # `mask_anchor_copies` with one token per image and no reference term raises the trained captions but blends the
+    # colours of the others, so it is not the preset.
     "digits": {
         "num_generations": 16,
         "num_positives": 4,

@@ -40,7 +40,12 @@ def save_adapter(pipeline: Any, denoiser: torch.nn.Module, output_dir: str, adap
         safe_serialization=True,
         weight_name=LORA_WEIGHT_NAME,
     )
-    return os.path.join(output_dir, LORA_WEIGHT_NAME)
+    path = os.path.join(output_dir, LORA_WEIGHT_NAME)
+    # diffusers writes the file through a private temporary file (mode 0600): give it the mode of every other file.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
 
 
 def load_adapter(denoiser: torch.nn.Module, checkpoint_dir: str, adapter_name: str = "default") -> None:
@@ -283,7 +288,8 @@ def render_model_card(
 
     base = base_model_id(pipeline)
     base_hub_id = _hub_id_or_none(base)
-    if base is not None and base_hub_id is None:
+    local_base = base is not None and base_hub_id is None
+    if local_base:
         base = public_name(base)  # a pipeline loaded from a local folder: name it, never locate it
     repo_id = repo_id or args.hub_model_id or model_name or Path(args.output_dir).name
     dataset = dataset_name or getattr(args, "dataset_name", None)
@@ -317,8 +323,10 @@ def render_model_card(
         template_path=str(_template_path()),
         model_name=model_name or Path(repo_id).name,
         repo_id=repo_id,
-        base_model_id=base or "<base model id or path>",
-        base_model_display=base or "a one-step text-to-image pipeline",
+        # A local base is named in the text; the quick start shows where its folder goes, not where it was.
+        base_model_id=(f"path/to/{base}" if local_base else base) or "<base model id or path>",
+        base_model_display=(f"{base} (a local folder)" if local_base else base) or "a one-step text-to-image pipeline",
+        example_prompt=(list(getattr(args, "eval_prompts", None) or []) or ["a photo of a cat"])[0],
         base_model_url=f"https://huggingface.co/{base_hub_id}" if base_hub_id else None,
         rewards=[(name, weight / total) for name, weight in zip(reward_names, reward_weights)],
         metrics=metrics,
