@@ -188,6 +188,14 @@ def test_save_model_writes_card_and_config_without_the_token(tmp_path):
         assert SECRET not in open(os.path.join(out, name), "rb").read().decode("latin-1"), name
 
 
+def test_the_saved_adapter_gets_the_file_mode_of_the_other_saved_files(tmp_path):
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config(tmp_path), train_dataset=["a cat", "a dog"])
+    trainer.save_model()
+    out = trainer.args.output_dir
+    mode = os.stat(os.path.join(out, "drpo_config.json")).st_mode & 0o777
+    assert os.stat(os.path.join(out, LORA_WEIGHT_NAME)).st_mode & 0o777 == mode
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The fake Hub itself
 # ----------------------------------------------------------------------------------------------------------------
