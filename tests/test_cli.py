@@ -182,3 +182,13 @@ def test_unknown_reward_name_lists_the_available_ones(tmp_path):
     argv = ["evaluate", "--model_name_or_path", "trl-drpo/tiny-sd", "--prompts", "a cat", "--reward_funcs", "pickscor"]
     with pytest.raises(KeyError, match="Available rewards:.*pickscore"):
         main([*argv, "--output_file", str(tmp_path / "x.json")])
+
+
+def test_the_digit_worlds_base_is_a_builtin_model_name():
+    from trl_drpo.cli import load_pipeline
+    from trl_drpo.worlds import digits
+
+    pipe = load_pipeline("trl-drpo/digits")
+    shipped = digits.load_pipeline()
+    assert type(pipe) is type(shipped)
+    assert torch.equal(pipe.unet.conv_in.weight, shipped.unet.conv_in.weight)

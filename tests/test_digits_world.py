@@ -270,3 +270,19 @@ def test_a_few_drpo_steps_on_the_shipped_base_raise_the_verifier_pass_rate_of_th
     DrPOTrainer(pipe, digits.reward_fn("score"), config, train_dataset=captions).train()
     after = pass_rate(pipe)
     assert after >= before + 0.1, (before, after)
+
+
+def test_preference_pairs_prefer_the_verifiers_choice_on_train_captions_only(pipe, tmp_path):
+    from trl_drpo.preferences import load_preference_dataset
+    from trl_drpo.worlds.digits.preferences import preference_pairs
+
+    pairs = preference_pairs(pipe, per_category=2, candidates=4)
+    held_out = {item["prompt"] for item in digits.prompts(split="test")}
+    assert 0 < len(pairs) <= 12
+    assert not held_out & set(pairs["prompt"])
+    assert all(c > r for c, r in zip(pairs["chosen_score"], pairs["rejected_score"]))
+    chosen = [digits.verify([row["chosen"]], [row["prompt"]])[0]["score"] for row in pairs]
+    assert chosen == pytest.approx(pairs["chosen_score"], abs=1e-6)
+    path = tmp_path / "train.parquet"
+    pairs.to_parquet(str(path))
+    assert len(load_preference_dataset(str(path))) == len(pairs)

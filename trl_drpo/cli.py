@@ -32,8 +32,13 @@ if TYPE_CHECKING:
     from .drpo_trainer import DrPOTrainer
 
 
-TINY_MODELS = {"trl-drpo/tiny-sd": "tiny_sd_pipeline", "trl-drpo/tiny-sdxl": "tiny_sdxl_pipeline"}
-"""Model names that select the tiny offline pipelines of `trl_drpo.tiny_pipelines` (for tests and CPU smoke runs)."""
+BUILTIN_MODELS = {
+    "trl-drpo/tiny-sd": "trl_drpo.tiny_pipelines:tiny_sd_pipeline",
+    "trl-drpo/tiny-sdxl": "trl_drpo.tiny_pipelines:tiny_sdxl_pipeline",
+    "trl-drpo/digits": "trl_drpo.worlds.digits:load_pipeline",
+}
+"""Model names served offline by the package: the tiny random pipelines of `trl_drpo.tiny_pipelines` (tests and CPU
+smoke runs) and the digit world's pretrained base (`trl_drpo.worlds.digits`). Values: the builders' import paths."""
 
 SAMPLE_GRID_NAME = "samples.png"
 
@@ -49,7 +54,10 @@ class ModelArguments:
 
     model_name_or_path: str = field(
         default="stabilityai/sd-turbo",
-        metadata={"help": "Hub id or local folder of a diffusers pipeline; trl-drpo/tiny-sd(xl) for the tiny one."},
+        metadata={
+            "help": "Hub id or local folder of a diffusers pipeline; trl-drpo/tiny-sd(xl) for the tiny random ones, "
+            "trl-drpo/digits for the digit world's pretrained base."
+        },
     )
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
     variant: str | None = field(default=None, metadata={"help": "Weights variant to load, e.g. fp16."})
@@ -171,14 +179,15 @@ def load_pipeline(
     variant: str | None = None,
     revision: str | None = None,
 ) -> Any:
-    """Load a diffusers text-to-image pipeline from a Hub id or a local folder, or build the tiny offline one for the
-    names in `TINY_MODELS`. The progress bar is disabled: DrPO pipelines run a single step."""
-    if model_name_or_path in TINY_MODELS:
+    """Load a diffusers text-to-image pipeline from a Hub id or a local folder, or the offline one a name of
+    `BUILTIN_MODELS` selects. The progress bar is disabled: DrPO pipelines run a single step."""
+    if model_name_or_path in BUILTIN_MODELS:
+        import importlib
+
         import torch
 
-        from . import tiny_pipelines
-
-        pipe = getattr(tiny_pipelines, TINY_MODELS[model_name_or_path])()  # float32 weights
+        module, builder = BUILTIN_MODELS[model_name_or_path].split(":")
+        pipe = getattr(importlib.import_module(module), builder)()  # float32 weights
         return pipe.to(dtype=torch_dtype) if torch_dtype not in (None, torch.float32) else pipe
     from diffusers import DiffusionPipeline
 

@@ -124,3 +124,33 @@ def caption_grid(rows: dict[str, torch.Tensor], captions: Sequence[str], path: s
     fig.tight_layout()
     fig.savefig(path, dpi=max(60, cell // 2))
     plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Measure the shipped base and, with ``--lora DIR``, the base with that adapter loaded, on held-out captions and
+    seeds; print the table and, with ``--output_file``, write the tables as JSON. Returns the tables."""
+    import argparse
+    import json
+
+    from . import load_pipeline
+
+    parser = argparse.ArgumentParser(description="Held-out verifier and judge accuracy of the digit world's base.")
+    parser.add_argument("--lora", help="A folder holding a DrPO adapter (pytorch_lora_weights.safetensors).")
+    parser.add_argument("--per_category", type=int, default=60, help="Held-out (caption, seed) pairs per category.")
+    parser.add_argument("--output_file", help="Write the tables here as JSON.")
+    args = parser.parse_args(argv)
+    pipe = load_pipeline()
+    cases = eval_cases(args.per_category)
+    rows = {"base": evaluate_pipeline(pipe, cases)}
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
+        rows["tuned"] = evaluate_pipeline(pipe, cases)
+    print(table_markdown(rows))
+    if args.output_file:
+        with open(args.output_file, "w", encoding="utf-8") as handle:
+            json.dump(rows, handle, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
