@@ -62,6 +62,7 @@ class DenoiserFeatureMap(FeatureMap):
     """
 
     requires_embeds = True
+    takes_call_layout = True
 
     def __init__(
         self,
