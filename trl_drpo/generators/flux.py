@@ -6,12 +6,12 @@ import math
 from types import MappingProxyType
 from typing import Any
 
-from diffusers import FluxPipeline
 from torch import Tensor
 
 from .base import register_generator
 from .diffusion_transformers import TransformerGenerator
 from .embeds import PromptEmbeds
+from .pipeline_classes import FluxPipeline
 
 
 @register_generator(FluxPipeline)

@@ -6,12 +6,12 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
 from torch import Tensor
 
 from .base import register_generator
 from .diffusion_transformers import TransformerGenerator
 from .embeds import PromptEmbeds
+from .pipeline_classes import PixArtAlphaPipeline, PixArtSigmaPipeline
 
 
 @register_generator(PixArtSigmaPipeline)

@@ -6,12 +6,12 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any
 
-from diffusers import SanaSprintPipeline
 from torch import Tensor
 
 from .base import register_generator
 from .diffusion_transformers import TransformerGenerator
 from .embeds import PromptEmbeds
+from .pipeline_classes import SanaSprintPipeline
 
 
 @register_generator(SanaSprintPipeline)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import StableDiffusion3Pipeline
 from torch import Tensor
 
 from .base import register_generator
 from .diffusion_transformers import TransformerGenerator
 from .embeds import PromptEmbeds
+from .pipeline_classes import StableDiffusion3Pipeline
 
 
 @register_generator(StableDiffusion3Pipeline)

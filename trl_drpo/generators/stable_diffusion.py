@@ -7,21 +7,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.utils import logging as transformers_logging
 
 from .base import OneStepGenerator, register_generator
 from .embeds import PromptEmbeds
+from .pipeline_classes import StableDiffusionPipeline, StableDiffusionXLPipeline
 from .schedulers import SCHEDULER_STEPS, SingleStep
-
-
-# Importing diffusers' pipelines imports its IP-adapter loader, which asks transformers for image processors that want
-# torchvision and logs a warning about it: one a DrPO user cannot act on (no image processor is used here).
-_verbosity = transformers_logging.get_verbosity()
-transformers_logging.set_verbosity_error()
-try:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-finally:
-    transformers_logging.set_verbosity(_verbosity)
 
 
 # --------------------------------------------------------------------------------------------------------------------
