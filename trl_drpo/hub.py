@@ -245,6 +245,20 @@ def _template_path() -> Path:
     raise FileNotFoundError(f"Model card template {MODEL_CARD_TEMPLATE} not found next to trl_drpo.")
 
 
+def _cli_call_options(call_kwargs: dict[str, Any] | None) -> str:
+    """The `trl-drpo sample` options giving the trained call: `--resolution` for its size, `--pipeline_call_kwargs`
+    for settings other than the plain one-step call's."""
+    import json
+
+    settings = dict(call_kwargs or {})
+    size = settings.pop("height", None)
+    settings.pop("width", None)
+    options = f" --resolution {size}" if size else ""
+    if settings and settings != {"num_inference_steps": 1, "guidance_scale": 0.0}:
+        options += f" --pipeline_call_kwargs '{json.dumps(settings)}'"
+    return options
+
+
 def _pipeline_loader(pipeline: Any) -> str:
     """The diffusers class the quick start loads the base with: the text-to-image auto pipeline when it knows the
     family, else `DiffusionPipeline`."""
@@ -429,6 +443,7 @@ def render_model_card(
             f"{key}={value!r}"
             for key, value in (call_kwargs or {"num_inference_steps": 1, "guidance_scale": 0.0}).items()
         ),
+        cli_call_options=_cli_call_options(call_kwargs),
         pipeline_loader=_pipeline_loader(pipeline),
         loads_with_diffusers=hasattr(pipeline, "load_lora_weights"),
         base_model_url=f"https://huggingface.co/{base_hub_id}" if base_hub_id else None,
