@@ -61,11 +61,12 @@ def test_from_pipeline_picks_the_adapter_registered_for_the_pipeline_class():
     assert {cls.__name__ for cls in SUPPORTED_PIPELINES} >= {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
 
 
-def test_unsupported_pipeline_raises_naming_supported_classes_and_registration():
+def test_a_pipeline_whose_call_takes_no_latents_raises_naming_what_is_missing_and_registration():
     class MyPipeline:
-        pass
+        def __call__(self, prompt, output_type="pil"):
+            pass
 
-    with pytest.raises(TypeError, match="No one-step generator for MyPipeline") as info:
+    with pytest.raises(TypeError, match="No one-step generator for MyPipeline: its call takes no latents") as info:
         OneStepGenerator.from_pipeline(MyPipeline())
     assert "StableDiffusionPipeline, StableDiffusionXLPipeline" in str(info.value)
     assert "@register_generator(MyPipeline)" in str(info.value)
@@ -141,10 +142,14 @@ def test_sample_reproduces_other_schedulers_and_prediction_types(sd_pipe, schedu
     )
 
 
-def test_unsupported_scheduler_raises_naming_the_supported_ones(sd_pipe):
+def test_a_scheduler_without_a_written_out_step_is_served_through_the_pipeline_call(sd_pipe):
     sd_pipe.scheduler = LCMScheduler.from_config(sd_pipe.scheduler.config)
-    with pytest.raises(NotImplementedError, match="LCMScheduler.*EulerAncestralDiscreteScheduler"):
-        OneStepGenerator.from_pipeline(sd_pipe)
+    gen = OneStepGenerator.from_pipeline(sd_pipe)
+    assert gen.fast_step(gen.device) is None
+    noise = _noise(gen)
+    torch.testing.assert_close(
+        gen.sample(gen.encode_prompts(PROMPTS), noise), _pipeline_output(sd_pipe, noise), atol=0, rtol=0
+    )
 
 
 def test_sampling_and_multi_step_pipeline_calls_do_not_disturb_each_other(sd_pipe):

@@ -117,6 +117,13 @@ class GenerationArguments(ModelArguments):
         default_factory=lambda: [1234, 1235], metadata={"help": "Seeds; every prompt is rendered once per seed."}
     )
     resolution: int | None = field(default=None, metadata={"help": "Image side in pixels; default: the model's."})
+    pipeline_call_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Settings of the pipeline call as JSON (the training run's `pipeline_call_kwargs`); default: the "
+            "family's one-step settings."
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "Images per pipeline call."})
     device: str | None = field(default=None, metadata={"help": "Device; default: cuda if available, else cpu."})
 
@@ -221,16 +228,24 @@ def read_prompts(
 
 
 def render_images(
-    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], resolution: int | None = None, batch_size: int = 8
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    resolution: int | None = None,
+    batch_size: int = 8,
+    call_kwargs: dict[str, Any] | str | None = None,
 ) -> torch.Tensor:
     """Images ``(len(seeds) * len(prompts), 3, H, W)`` in [0, 1] on the CPU, seed-major, rendered by `pipe` itself
-    in one step without guidance. Image ``(seed, i)`` starts from the noise seeded with ``seed * 10**6 + i``, the
-    protocol of `DrPOTrainer.render`, so base, adapter and training-time evaluation images are comparable."""
+    with the call settings training used (`call_kwargs`, a dict or JSON, over the family's one-step defaults).
+    Image ``(seed, i)`` starts from the noise seeded with ``seed * 10**6 + i``, the protocol of
+    `DrPOTrainer.render`, so base, adapter and training-time evaluation images are comparable."""
     import torch
 
     from .generators import OneStepGenerator, evaluation_seed
 
-    generator = OneStepGenerator.from_pipeline(pipe, resolution=resolution)
+    if isinstance(call_kwargs, str):
+        call_kwargs = json.loads(call_kwargs)
+    generator = OneStepGenerator.from_pipeline(pipe, resolution=resolution, call_kwargs=call_kwargs)
     jobs = [(prompt, evaluation_seed(seed, i)) for seed in seeds for i, prompt in enumerate(prompts)]
     images = []
     for begin in range(0, len(jobs), batch_size):
@@ -239,12 +254,9 @@ def render_images(
         with torch.no_grad():
             out = pipe(
                 prompt=[p for p, _ in chunk],
-                num_inference_steps=1,
-                guidance_scale=0.0,
                 latents=noise,
-                height=generator.resolution,
-                width=generator.resolution,
                 output_type="pt",
+                **generator.pipeline_call_kwargs(),
             ).images
         images.append(out.float().cpu())
     return torch.cat(images)
@@ -262,6 +274,11 @@ def _load_for_generation(args: GenerationArguments) -> Any:
 
 
 def _load_adapter(pipe: Any, args: GenerationArguments) -> None:
+    if not hasattr(pipe, "load_lora_weights"):  # a family without a LoRA loader in diffusers (PixArt)
+        from .hub import load_lora_into
+
+        load_lora_into(pipe, args.adapter)
+        return
     kwargs = {"weight_name": args.adapter_weight_name} if args.adapter_weight_name else {}
     pipe.load_lora_weights(args.adapter, **kwargs)
 
@@ -337,10 +354,14 @@ def sample(args: SampleArguments) -> dict[str, Any]:
     pipe = _load_for_generation(args)
     rendered: dict[str, Any] = {}
     if args.adapter is None or args.compare:
-        rendered["base"] = render_images(pipe, prompts, args.seeds, args.resolution, args.batch_size)
+        rendered["base"] = render_images(
+            pipe, prompts, args.seeds, args.resolution, args.batch_size, args.pipeline_call_kwargs
+        )
     if args.adapter is not None:
         _load_adapter(pipe, args)
-        rendered["tuned"] = render_images(pipe, prompts, args.seeds, args.resolution, args.batch_size)
+        rendered["tuned"] = render_images(
+            pipe, prompts, args.seeds, args.resolution, args.batch_size, args.pipeline_call_kwargs
+        )
 
     os.makedirs(args.output_dir, exist_ok=True)
     records = [
@@ -396,7 +417,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
         return summary, scores, combined
 
     base, base_scores, base_combined = score(
-        render_images(pipe, prompts, args.seeds, args.resolution, args.batch_size)
+        render_images(pipe, prompts, args.seeds, args.resolution, args.batch_size, args.pipeline_call_kwargs)
     )
     results: dict[str, Any] = {
         "model": args.model_name_or_path,
@@ -413,7 +434,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
     ]
     if args.adapter is not None:
         _load_adapter(pipe, args)
-        images = render_images(pipe, prompts, args.seeds, args.resolution, args.batch_size)
+        images = render_images(pipe, prompts, args.seeds, args.resolution, args.batch_size, args.pipeline_call_kwargs)
         tuned, tuned_scores, tuned_combined = score(images)
         results["tuned"] = tuned
         results["delta"] = {key: tuned[key] - base[key] for key in tuned}

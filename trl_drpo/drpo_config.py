@@ -94,7 +94,17 @@ class DrPOConfig(TrainingArguments):
         num_generations (`int`, *optional*, defaults to `24`):
             Number of candidates K generated per prompt, from independent noise.
         resolution (`int` or `None`, *optional*, defaults to `None`):
-            Image size in pixels. `None` uses the pipeline's default (512 for SD-Turbo and SDXL-Turbo).
+            Image size in pixels: the `height` and `width` of the pipeline call. `None` uses the pipeline's default
+            (512 for SD-Turbo and SDXL-Turbo).
+        pipeline_call_kwargs (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Settings of the pipeline call that is trained, evaluated and served: the candidates are
+            `pipe(prompt, height=resolution, width=resolution, **pipeline_call_kwargs)` with gradient. `None` uses the
+            pipeline family's one-step defaults (`{"num_inference_steps": 1, "guidance_scale": 0.0}` for SD, SDXL and
+            SD3; FLUX.1-schnell, PixArt DMD and SANA-Sprint have their own, see the README); keys given here override
+            them, e.g. `{"num_inference_steps": 1, "timesteps": [399], "guidance_scale": 0.0}` for DMD2. A JSON
+            string is accepted (command line). The prompts, `latents`, `output_type`, `generator` and the image size
+            are set by the trainer and may not appear here. The model card's quick start and `trl-drpo sample` use
+            the same settings.
         candidate_chunk_size (`int` or `None`, *optional*, defaults to `None`):
             Candidates per prompt processed at once: in the no-gradient rollout (generation, reference, decode,
             features) and when they are regenerated with gradient. Peak activation memory scales with this chunk, not
@@ -202,7 +212,7 @@ class DrPOConfig(TrainingArguments):
             `0` disables it.
     """
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["feature_map_kwargs"]
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["feature_map_kwargs", "pipeline_call_kwargs"]
 
     # Paper defaults that differ from TrainingArguments'.
     learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate for AdamW."})
@@ -229,6 +239,13 @@ class DrPOConfig(TrainingArguments):
 
     num_generations: int = field(default=24, metadata={"help": "Candidates K per prompt."})
     resolution: int | None = field(default=None, metadata={"help": "Image size; None uses the pipeline's default."})
+    pipeline_call_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Settings of the trained and served pipeline call, a dict or JSON string (e.g. "
+            '{"num_inference_steps": 1, "timesteps": [399], "guidance_scale": 0.0}); None = the family defaults.'
+        },
+    )
     candidate_chunk_size: int | None = field(
         default=None,
         metadata={
@@ -342,10 +359,17 @@ class DrPOConfig(TrainingArguments):
             fail(f"lora_rank must be >= 1, got {self.lora_rank}.")
         if self.per_device_train_batch_size < 1:
             fail("per_device_train_batch_size (prompts per micro-batch) must be >= 1.")
-        if isinstance(self.feature_map_kwargs, str):
-            import json
+        for name in ("feature_map_kwargs", "pipeline_call_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                import json
 
-            self.feature_map_kwargs = json.loads(self.feature_map_kwargs)
+                try:
+                    setattr(self, name, json.loads(value))
+                except json.JSONDecodeError as err:
+                    fail(f"{name} must be a dict or a JSON object string, got {value!r} ({err}).")
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                fail(f"{name} must be a dict or a JSON object string, got {type(getattr(self, name)).__name__}.")
 
     def check_feature_map(self) -> None:
         """Raise a `ValueError` naming the fix when the feature map needs weights that `feature_map_kwargs` does not

@@ -113,7 +113,9 @@ class DrPOTrainer(Trainer):
         # Everything a user can get wrong is checked here, before any model runs.
         check_card_is_ours(args.output_dir)
         args.check_feature_map()
-        self.generator = OneStepGenerator.from_pipeline(pipe, resolution=args.resolution)
+        self.generator = OneStepGenerator.from_pipeline(
+            pipe, resolution=args.resolution, call_kwargs=args.pipeline_call_kwargs
+        )
         if train_dataset is None:
             if args.dataset_name is None:
                 raise ValueError(
@@ -455,7 +457,7 @@ class DrPOTrainer(Trainer):
         if self.args.use_lora:
             save_adapter(self.generator.pipeline, denoiser, output_dir)
         else:
-            denoiser.save_pretrained(os.path.join(output_dir, "unet"))
+            denoiser.save_pretrained(os.path.join(output_dir, self.generator.denoiser_name))
         with open(os.path.join(output_dir, CONFIG_NAME), "w", encoding="utf-8") as handle:
             handle.write(public_config_json(self.args))
         self._write_model_card(output_dir)
@@ -463,9 +465,9 @@ class DrPOTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.args.use_lora:
-            load_adapter(denoiser, resume_from_checkpoint)
+            load_adapter(denoiser, resume_from_checkpoint, prefix=self.generator.denoiser_name)
         else:
-            load_denoiser(denoiser, resume_from_checkpoint)
+            load_denoiser(denoiser, resume_from_checkpoint, self.generator.denoiser_name)
 
     def _write_model_card(self, output_dir: str, **kwargs: Any) -> None:
         check_card_is_ours(output_dir)
@@ -477,9 +479,16 @@ class DrPOTrainer(Trainer):
             tags=self._tag_names,
             eval_metrics=self._last_eval_metrics(),
             repo_id=getattr(self, "hub_model_id", None),  # the full "user/name" once push_to_hub created the repo
+            call_kwargs=self._served_call_kwargs(),
             **kwargs,
         )
         card.save(os.path.join(output_dir, "README.md"))
+
+    def _served_call_kwargs(self) -> dict[str, Any]:
+        """The call settings the adapter was trained for (the image size only when `resolution` chose it)."""
+        if self.args.resolution is None:
+            return dict(self.generator.call_kwargs)
+        return self.generator.pipeline_call_kwargs()
 
     def _last_eval_metrics(self) -> dict[str, float]:
         for entry in reversed(self.state.log_history):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from enum import Enum
@@ -18,28 +19,54 @@ if TYPE_CHECKING:
 
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_METADATA_KEY = "lora_adapter_metadata"
+"""Where diffusers keeps an adapter's PEFT config in the safetensors metadata."""
 CONFIG_NAME = "drpo_config.json"
 MODEL_CARD_TEMPLATE = "drpo_lora.md"
-MODEL_FILES = (LORA_WEIGHT_NAME, "README.md", CONFIG_NAME, "unet/config.json", "unet/*.safetensors")
+MODEL_FILES = (
+    LORA_WEIGHT_NAME,
+    "README.md",
+    CONFIG_NAME,
+    "unet/config.json",
+    "unet/*.safetensors",
+    "transformer/config.json",
+    "transformer/*.safetensors",
+)
 """What a saved DrPO model consists of, and all that is ever uploaded from its folder (plus the sample grid its card
 shows): never transformers' pickled training arguments (which hold the Hub token), optimizer or RNG state, logs, or
 any file the user keeps next to them."""
 
 
+def denoiser_name(pipeline: Any) -> str:
+    """The pipeline attribute holding its denoiser, which also prefixes the adapter's keys: `unet` or
+    `transformer`."""
+    return "unet" if isinstance(getattr(pipeline, "unet", None), torch.nn.Module) else "transformer"
+
+
 def save_adapter(pipeline: Any, denoiser: torch.nn.Module, output_dir: str, adapter_name: str = "default") -> str:
-    """Save the denoiser's LoRA adapter with the pipeline class's own `save_lora_weights`, in diffusers' format
-    with the adapter's metadata, so that ``pipe.load_lora_weights(output_dir)`` restores it."""
+    """Save the denoiser's LoRA adapter in diffusers' format, with the adapter's metadata, so that
+    ``pipe.load_lora_weights(output_dir)`` (or `load_lora_into`) restores it.
+
+    The pipeline class's own `save_lora_weights` writes it where it has one for the denoiser (`unet_lora_layers` for
+    SD/SDXL, `transformer_lora_layers` for SD3, Flux, Sana); for pipelines without a LoRA loader (PixArt) the same
+    layout is written here: keys prefixed with the denoiser's name, the PEFT config under diffusers' metadata key.
+    """
     from peft.utils import get_peft_model_state_dict
 
+    name = denoiser_name(pipeline)
     state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
-    metadata_ = denoiser.peft_config[adapter_name].to_dict()
-    type(pipeline).save_lora_weights(
-        output_dir,
-        unet_lora_layers={key: value.detach().float().cpu() for key, value in state.items()},
-        unet_lora_adapter_metadata=metadata_,
-        safe_serialization=True,
-        weight_name=LORA_WEIGHT_NAME,
-    )
+    layers = {key: value.detach().float().cpu().contiguous() for key, value in state.items()}
+    config = denoiser.peft_config[adapter_name].to_dict()
+    saver = getattr(type(pipeline), "save_lora_weights", None)
+    if saver is not None and f"{name}_lora_layers" in inspect.signature(saver).parameters:
+        saver(
+            output_dir,
+            **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": config},
+            safe_serialization=True,
+            weight_name=LORA_WEIGHT_NAME,
+        )
+    else:
+        _write_lora_file(os.path.join(output_dir, LORA_WEIGHT_NAME), name, layers, config)
     path = os.path.join(output_dir, LORA_WEIGHT_NAME)
     # diffusers writes the file through a private temporary file (mode 0600): give it the mode of every other file.
     umask = os.umask(0)
@@ -48,16 +75,70 @@ def save_adapter(pipeline: Any, denoiser: torch.nn.Module, output_dir: str, adap
     return path
 
 
-def load_adapter(denoiser: torch.nn.Module, checkpoint_dir: str, adapter_name: str = "default") -> None:
-    """Load a `save_adapter` file back into an already-injected adapter (used to resume training)."""
+def _write_lora_file(path: str, prefix: str, layers: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    # The layout of diffusers' `save_lora_weights`: prefixed keys, and the prefixed PEFT config as JSON metadata.
+    import json
+
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    packed = {f"{prefix}.{key}": list(v) if isinstance(v, set) else v for key, v in config.items()}
+    metadata = {"format": "pt", LORA_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+    save_file({f"{prefix}.{key}": value for key, value in layers.items()}, path, metadata=metadata)
+
+
+def load_lora_into(pipeline: Any, folder_or_repo: str, adapter_name: str = "default") -> None:
+    """Load a saved DrPO adapter into `pipeline` for inference: ``pipe.load_lora_weights`` where the pipeline has
+    it; otherwise (PixArt) the adapter is injected into the denoiser with PEFT from the file's own config.
+
+    Args:
+        pipeline: a fresh pipeline of the family the adapter was trained on.
+        folder_or_repo: a folder holding `pytorch_lora_weights.safetensors`, or a Hub model id.
+        adapter_name: the adapter's name in the denoiser.
+
+    Raises:
+        ValueError: the file does not match the pipeline's denoiser.
+    """
+    if hasattr(pipeline, "load_lora_weights"):
+        pipeline.load_lora_weights(folder_or_repo, weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name)
+        return
+    import json
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from safetensors import safe_open
+
+    path = os.path.join(folder_or_repo, LORA_WEIGHT_NAME)
+    if not os.path.isdir(folder_or_repo):
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(folder_or_repo, LORA_WEIGHT_NAME)
+    name = denoiser_name(pipeline)
+    with safe_open(path, framework="pt") as handle:
+        metadata = json.loads((handle.metadata() or {}).get(LORA_METADATA_KEY, "{}"))
+    config = {key[len(name) + 1 :]: value for key, value in metadata.items() if key.startswith(f"{name}.")}
+    if not config:
+        raise ValueError(f"{path} holds no LoRA config for `{name}` in its metadata: was it saved by trl_drpo?")
+    denoiser = getattr(pipeline, name)
+    inject_adapter_in_model(LoraConfig(**config), denoiser, adapter_name=adapter_name)
+    denoiser.peft_config = {**getattr(denoiser, "peft_config", {}), adapter_name: LoraConfig(**config)}
+    load_adapter(denoiser, os.path.dirname(path), adapter_name=adapter_name, prefix=name)
+
+
+def load_adapter(
+    denoiser: torch.nn.Module, checkpoint_dir: str, adapter_name: str = "default", prefix: str = "unet"
+) -> None:
+    """Load a `save_adapter` file back into an already-injected adapter (used to resume training); `prefix` is the
+    denoiser's name in the pipeline (`unet` or `transformer`)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = os.path.join(checkpoint_dir, LORA_WEIGHT_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No DrPO adapter at {path}: is {checkpoint_dir!r} a DrPO checkpoint folder?")
-    prefix = "unet."
-    state = {key[len(prefix) :]: value for key, value in load_file(path).items() if key.startswith(prefix)}
+    head = f"{prefix}."
+    state = {key[len(head) :]: value for key, value in load_file(path).items() if key.startswith(head)}
+    if not state:
+        raise ValueError(f"The adapter at {path} has no `{head}` keys: it was trained on another pipeline family.")
     result = set_peft_model_state_dict(denoiser, state, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
@@ -82,8 +163,13 @@ def upload_model_files(
     """
     from huggingface_hub import upload_folder
 
-    if not os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)) and not os.path.isdir(os.path.join(folder, "unet")):
-        raise FileNotFoundError(f"Nothing to push from {folder}: it holds no {LORA_WEIGHT_NAME} and no unet/ folder.")
+    holds_model = os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)) or any(
+        os.path.isdir(os.path.join(folder, name)) for name in ("unet", "transformer")
+    )
+    if not holds_model:
+        raise FileNotFoundError(
+            f"Nothing to push from {folder}: it holds no {LORA_WEIGHT_NAME} and no unet/ or transformer/ folder."
+        )
     return upload_folder(
         repo_id=repo_id,
         folder_path=folder,
@@ -117,17 +203,17 @@ class CheckpointPushCallback(TrainerCallback):
             upload_model_files(folder, commit_message=message + ", checkpoint", path_in_repo=path, **push)
 
 
-def load_denoiser(denoiser: torch.nn.Module, checkpoint_dir: str) -> None:
-    """Load the fully fine-tuned denoiser that `save_pretrained` wrote to `checkpoint_dir/unet` (safetensors, possibly
-    sharded) into `denoiser` (used to resume training without LoRA)."""
+def load_denoiser(denoiser: torch.nn.Module, checkpoint_dir: str, name: str = "unet") -> None:
+    """Load the fully fine-tuned denoiser that `save_pretrained` wrote to `checkpoint_dir/<name>` (`unet` or
+    `transformer`; safetensors, possibly sharded) into `denoiser` (used to resume training without LoRA)."""
     from diffusers.models.model_loading_utils import load_state_dict
 
-    folder = os.path.join(checkpoint_dir, "unet")
+    folder = os.path.join(checkpoint_dir, name)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"No DrPO denoiser at {folder}: is {checkpoint_dir!r} a DrPO checkpoint folder?")
     state: dict[str, torch.Tensor] = {}
-    for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
-        state.update(load_state_dict(os.path.join(folder, name)))
+    for file in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        state.update(load_state_dict(os.path.join(folder, file)))
     denoiser.load_state_dict(state)
 
 
@@ -157,6 +243,29 @@ def _template_path() -> Path:
         if (folder / MODEL_CARD_TEMPLATE).is_file():
             return folder / MODEL_CARD_TEMPLATE
     raise FileNotFoundError(f"Model card template {MODEL_CARD_TEMPLATE} not found next to trl_drpo.")
+
+
+def _cli_call_options(call_kwargs: dict[str, Any] | None) -> str:
+    """The `trl-drpo sample` options giving the trained call: `--resolution` for its size, `--pipeline_call_kwargs`
+    for settings other than the plain one-step call's."""
+    import json
+
+    settings = dict(call_kwargs or {})
+    size = settings.pop("height", None)
+    settings.pop("width", None)
+    options = f" --resolution {size}" if size else ""
+    if settings and settings != {"num_inference_steps": 1, "guidance_scale": 0.0}:
+        options += f" --pipeline_call_kwargs '{json.dumps(settings)}'"
+    return options
+
+
+def _pipeline_loader(pipeline: Any) -> str:
+    """The diffusers class the quick start loads the base with: the text-to-image auto pipeline when it knows the
+    family, else `DiffusionPipeline`."""
+    from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
+
+    known = any(cls is type(pipeline) for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values())
+    return "AutoPipelineForText2Image" if known else "DiffusionPipeline"
 
 
 def _versions() -> list[tuple[str, str]]:
@@ -270,6 +379,7 @@ def render_model_card(
     extra_tags: list[str] | None = None,
     sample_grid: str | None = None,
     repo_id: str | None = None,
+    call_kwargs: dict[str, Any] | None = None,
 ) -> ModelCard:
     """Render the DrPO model card (a `huggingface_hub.ModelCard`) from the template in ``model_cards/``.
 
@@ -283,6 +393,8 @@ def render_model_card(
     Args:
         repo_id: the Hub repo the card describes, for the quick start; defaults to `args.hub_model_id`, then
             `model_name`, then the name of `args.output_dir`.
+        call_kwargs: the keyword arguments of the trained call, for the quick start
+            (`OneStepGenerator.pipeline_call_kwargs`); default `num_inference_steps=1, guidance_scale=0.0`.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -327,6 +439,13 @@ def render_model_card(
         base_model_id=(f"path/to/{base}" if local_base else base) or "<base model id or path>",
         base_model_display=(f"{base} (a local folder)" if local_base else base) or "a one-step text-to-image pipeline",
         example_prompt=(list(getattr(args, "eval_prompts", None) or []) or ["a photo of a cat"])[0],
+        call_arguments=", ".join(
+            f"{key}={value!r}"
+            for key, value in (call_kwargs or {"num_inference_steps": 1, "guidance_scale": 0.0}).items()
+        ),
+        cli_call_options=_cli_call_options(call_kwargs),
+        pipeline_loader=_pipeline_loader(pipeline),
+        loads_with_diffusers=hasattr(pipeline, "load_lora_weights"),
         base_model_url=f"https://huggingface.co/{base_hub_id}" if base_hub_id else None,
         rewards=[(name, weight / total) for name, weight in zip(reward_names, reward_weights)],
         metrics=metrics,

@@ -140,6 +140,8 @@ class Rollout:
         selections: one `AnchorSelection` per prompt, or None where the prompt gives no preference.
         latents: the candidates' latents; with their graph in one-graph mode.
         graph_features: in one-graph mode the candidates' features with their graph, else None.
+        call_seed: seeds the generator of every pipeline call of the step (see `call_generator`), so that the
+            regenerated candidates see the randomness of the rollout's.
     """
 
     embeds: PromptEmbeds
@@ -150,6 +152,7 @@ class Rollout:
     selections: list[AnchorSelection | None] = field(default_factory=list)
     latents: Tensor | None = None
     graph_features: dict[str, Tensor] | None = None
+    call_seed: int | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -159,6 +162,13 @@ class Rollout:
     def active(self) -> list[int]:
         """The prompts with targets (the others rank all candidates alike and give no preference)."""
         return [b for b, target in enumerate(self.targets) if target is not None]
+
+
+def call_generator(seed: int | None) -> torch.Generator | None:
+    """A fresh generator seeded with `seed` (None for None) for the randomness inside one pipeline call (ancestral
+    and consistency schedulers): every call of a step gets one seeded alike, drawn from the step's noise generator, so
+    runs and resumed runs are exact and the global RNG is never drawn from."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
 def rollout(
@@ -202,17 +212,22 @@ def rollout(
             prompt_embeds = generator.encode_prompts(prompts)
             embeds = prompt_embeds.repeat_interleave(k)
         noise = generator.make_noise(num_prompts * k, noise_generator)
+        seed = None if noise_generator is None else int(torch.randint(2**62, (), generator=noise_generator))
     with hooks.autocast():
         with hooks.meter("generation/rollout"):
             if one_graph:
-                latents = generator.one_step(denoiser, embeds, noise)
+                latents = generator.one_step(denoiser, embeds, noise, call_generator(seed))
             else:
                 with torch.no_grad():
-                    latents = map_rows(lambda r: generator.sample(embeds.select(r), noise[r]), len(noise), rows)
+                    latents = map_rows(
+                        lambda r: generator.sample(embeds.select(r), noise[r], call_generator(seed)), len(noise), rows
+                    )
         reference = None
         if settings.drift.reference_loss_weight > 0:
             with hooks.meter("generation/reference"), torch.no_grad():
-                reference = map_rows(lambda r: generator.reference(embeds.select(r), noise[r]), len(noise), rows)
+                reference = map_rows(
+                    lambda r: generator.reference(embeds.select(r), noise[r], call_generator(seed)), len(noise), rows
+                )
     images = scores = None
     selections: list[AnchorSelection | None] = []
     if preference_latents is None:
@@ -267,6 +282,7 @@ def rollout(
         selections=selections,
         latents=latents,
         graph_features=graph_features if one_graph else None,
+        call_seed=seed,
     )
 
 
@@ -312,7 +328,8 @@ def gradient_pass(
         with hooks.no_sync() if position < len(starts) - 1 else nullcontext():
             with hooks.graph(), hooks.autocast():
                 with hooks.meter("generation/regenerate"):
-                    latents = generator.one_step(denoiser, embeds, rollout.noise[ids.to(rollout.noise.device)])
+                    noise = rollout.noise[ids.to(rollout.noise.device)]
+                    latents = generator.one_step(denoiser, embeds, noise, call_generator(rollout.call_seed))
                 with hooks.meter("features/regenerate"):
                     feats = feature_map.per_prompt(latents, embeds, len(prompts))
                 if active:

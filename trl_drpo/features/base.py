@@ -31,9 +31,12 @@ class FeatureMap(nn.Module):
     Attributes:
         keys: the keys returned, in order.
         requires_embeds: whether `embeds` must be passed (one row per latent, or a single row for all).
+        takes_call_layout: whether the map reads latents in the layout of the pipeline call's `latents=` (packed for
+            FLUX) rather than only on the VAE's `(B, C, H, W)` grid.
     """
 
     requires_embeds: ClassVar[bool] = False
+    takes_call_layout: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,8 +81,11 @@ class FeatureMap(nn.Module):
 
     def forward(self, latents: Tensor, embeds: PromptEmbeds | None = None) -> dict[str, Tensor]:
         """`{key: (batch, tokens, dim)}` for :attr:`keys`, with gradient to `latents` when it requires one."""
-        if latents.ndim != 4:
-            raise ValueError(f"Expected latents of shape (B, C, H, W), got {tuple(latents.shape)}.")
+        if latents.ndim != 4 and not self.takes_call_layout:
+            raise ValueError(
+                f"{type(self).__name__} reads latents on the VAE's grid, (B, C, H, W); got {tuple(latents.shape)} "
+                "(FLUX packs its latents): use feature_map='denoiser' or a pixel feature map."
+            )
         if self.requires_embeds and embeds is None:
             raise ValueError(f"{type(self).__name__} needs the prompt embeddings: call fmap(latents, embeds).")
         return self.compute(latents, embeds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -41,31 +42,27 @@ class _StopForward(Exception):
     """Raised by the last needed hook so that the rest of the denoiser does not run."""
 
 
-def _top_level_blocks(denoiser: nn.Module) -> list[str]:
-    # Execution order of a diffusers UNet: down blocks, mid block, up blocks.
-    names = [f"down_blocks.{i}" for i in range(len(getattr(denoiser, "down_blocks", [])))]
-    if getattr(denoiser, "mid_block", None) is not None:
-        names.append("mid_block")
-    names += [f"up_blocks.{i}" for i in range(len(getattr(denoiser, "up_blocks", [])))]
-    return names
-
-
 @register_feature_map("denoiser")
 class DenoiserFeatureMap(FeatureMap):
     """Block outputs of the frozen *base* denoiser, the default feature space (docs/method.md §5 and §8.5).
 
-    The latents are perturbed with a fixed draw of `noise_scale * N(0, I)` (one draw of shape `(1, C, h, w)`
+    The latents are perturbed with a fixed draw of `noise_scale * N(0, I)` (one draw of the shape of one latent
     from `seed`, shared by every row so that the features depend only on the latent, not on its batch position or
-    on the call) and run through the denoiser at `timestep` with the prompt embeddings, the LoRA adapter disabled.
-    Forward hooks capture the outputs of the chosen blocks (first element of tuple outputs), which are average-pooled
-    with kernel = stride = `pool_size` (adaptive to 1x1 when a side is smaller) and flattened into one token per
-    image, as the authors do; `spatial_tokens=True` keeps one token per pooled position instead.
+    on the call) and run through the denoiser at `timestep` (0-1000 training scale; each family converts it to its
+    denoiser's convention, `OneStepGenerator.denoiser_inputs`) with the prompt embeddings, the LoRA adapter
+    disabled. Forward hooks capture the image stream of the chosen blocks' outputs
+    (`OneStepGenerator.block_image_features`: the first element of a UNet block's tuple, the second of an MMDiT
+    block's); a transformer's `(B, tokens, D)` output is laid back on its square token grid. The maps are
+    average-pooled with kernel = stride = `pool_size` (adaptive to 1x1 when a side is smaller) and flattened into one
+    token per image, as the authors do; `spatial_tokens=True` keeps one token per pooled position instead.
 
-    Keys are the block names (`down_blocks.{i}`, `mid_block`, `up_blocks.{i}`). The denoiser is not a submodule:
-    it belongs to the generator, and this map never changes its trainable flags.
+    Keys are the block names (`down_blocks.{i}`, `mid_block`, `up_blocks.{i}` of a UNet; `transformer_blocks.{i}`
+    and Flux's `single_transformer_blocks.{i}`). The denoiser is not a submodule: it belongs to the generator, and
+    this map never changes its trainable flags.
     """
 
     requires_embeds = True
+    takes_call_layout = True
 
     def __init__(
         self,
@@ -84,7 +81,7 @@ class DenoiserFeatureMap(FeatureMap):
         self.seed = int(seed)
         self.pool_size = int(pool_size)
         self.spatial_tokens = bool(spatial_tokens)
-        self._blocks = _top_level_blocks(generator.unwrapped_denoiser)
+        self._blocks = generator.feature_blocks()
         self._noise_cache: dict[tuple, Tensor] = {}
         self._select_keys(keys)
         self._freeze()
@@ -101,7 +98,9 @@ class DenoiserFeatureMap(FeatureMap):
     @property
     def default_keys(self) -> tuple[str, ...]:
         downs = [b for b in self._blocks if b.startswith("down_blocks.")]
-        defaults = [downs[-1]] if downs else []
+        if not downs:  # a transformer: its middle and last blocks
+            return tuple(dict.fromkeys([self._blocks[len(self._blocks) // 2], self._blocks[-1]]))
+        defaults = [downs[-1]]
         defaults += [b for b in ("mid_block", "up_blocks.0") if b in self._blocks]
         return tuple(defaults)
 
@@ -113,7 +112,18 @@ class DenoiserFeatureMap(FeatureMap):
             self._noise_cache[key] = noise.to(device=latents.device, dtype=latents.dtype)
         return self._noise_cache[key]
 
+    @staticmethod
+    def _grid(x: Tensor) -> Tensor:
+        # A transformer block's (B, tokens, D) output laid back on its square token grid as (B, D, side, side).
+        if x.dim() != 3:
+            return x
+        side = math.isqrt(x.shape[1])
+        if side * side != x.shape[1]:
+            raise ValueError(f"{x.shape[1]} image tokens do not form a square grid; DrPO trains square images.")
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+
     def _pool(self, x: Tensor) -> Tensor:
+        x = self._grid(x)
         if x.shape[-2] >= self.pool_size and x.shape[-1] >= self.pool_size:
             x = F.avg_pool2d(x, kernel_size=self.pool_size, stride=self.pool_size)
         else:
@@ -133,7 +143,7 @@ class DenoiserFeatureMap(FeatureMap):
 
         def hook_for(name: str):
             def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-                captured[name] = output[0] if isinstance(output, (tuple, list)) else output
+                captured[name] = generator.block_image_features(output)
                 if name == last:
                     raise _StopForward
 
@@ -143,12 +153,11 @@ class DenoiserFeatureMap(FeatureMap):
             dtype = base.dtype
             x = latents.to(dtype=dtype)
             x = x + self.noise_scale * self._noise(x)
-            t = torch.tensor(self.timestep, device=x.device)
-            kwargs = generator.denoiser_kwargs(embeds.to(x.device), x)
+            kwargs = generator.denoiser_inputs(embeds.to(x.device), x, self.timestep)
             handles = [base.get_submodule(name).register_forward_hook(hook_for(name)) for name in self.keys]
             try:
                 with _without_gradient_checkpointing(base):
-                    base(x, t, return_dict=False, **kwargs)
+                    base(return_dict=False, **kwargs)
             except _StopForward:
                 pass
             finally:

@@ -63,6 +63,8 @@ class PixelEncoderFeatureMap(FeatureMap):
     Subclasses set `model_class` (a `transformers` model class), the default mean/std and `default_layer_stride`.
     """
 
+    takes_call_layout = True  # the generator decodes (and unpacks) the latents
+
     model_class: ClassVar[str] = ""
     default_mean: ClassVar[tuple[float, ...]] = tuple(IMAGENET_DEFAULT_MEAN)
     default_std: ClassVar[tuple[float, ...]] = tuple(IMAGENET_DEFAULT_STD)

@@ -1,5 +1,5 @@
-"""`OneStepGenerator`, the family-independent part of the differentiable one-step twin of a pipeline, and its
-registry."""
+"""`OneStepGenerator`, the differentiable one-step twin of a pipeline built on the pipeline's own call, and the
+registry of pipeline families."""
 
 from __future__ import annotations
 
@@ -8,14 +8,22 @@ import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ..scoring import to_pil
+from .call import (
+    check_call_kwargs,
+    encode_kwargs,
+    missing_call_arguments,
+    progress_bar_disabled,
+    swapped_component,
+    undecorated_call,
+    unwrap_module,
+)
 from .embeds import PromptEmbeds
-from .schedulers import SCHEDULER_STEPS, SUPPORTED_SCHEDULERS, SingleStep
 
 
 logger = logging.getLogger(__name__)
@@ -52,17 +60,6 @@ def evaluation_seed(seed: int, index: int) -> int:
     return int(seed) * 10**6 + int(index)
 
 
-def unwrap_module(module: nn.Module) -> nn.Module:
-    """The model inside DDP/FSDP-style `.module` wrappers and `torch.compile`'s `_orig_mod`."""
-    while True:
-        if hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
-            module = module._orig_mod
-        elif hasattr(module, "module") and isinstance(module.module, nn.Module):
-            module = module.module
-        else:
-            return module
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Base generator
 # --------------------------------------------------------------------------------------------------------------------
@@ -71,67 +68,100 @@ def unwrap_module(module: nn.Module) -> nn.Module:
 class OneStepGenerator:
     """Differentiable single-step sampling, reference sampling and decoding for one diffusers pipeline.
 
+    The sample is the pipeline's own undecorated call (see `trl_drpo.generators.call`) with the user's one-step
+    settings, `latents=noise` and `output_type="latent"`, so it is exactly what `pipe(...)` serves, with the
+    autograd graph kept. This class serves every pipeline whose call accepts `latents` and `output_type`; a family
+    subclass (registered with :func:`register_generator`) adds what the call does not give: encoding prompts once
+    per step (:meth:`_encode`), the noise layout, decoding, and the denoiser's inputs for the `denoiser` feature map.
+
     Build with :meth:`from_pipeline`. The pipeline object is shared, not copied: the denoiser that LoRA is added to
-    is `pipe.unet`, so a trained adapter is live in the user's pipeline. The VAE and text encoders are frozen.
+    is the pipeline's (`pipe.unet` or `pipe.transformer`), so a trained adapter is live in the user's pipeline. The
+    VAE and text encoders are frozen.
 
     Attributes:
         pipeline: the wrapped diffusers pipeline.
         denoiser: the module called by :meth:`sample`. It may be replaced by a wrapped version of itself
             (e.g. `accelerator.prepare(gen.denoiser)`); everything else uses :attr:`unwrapped_denoiser`.
         vae: the pipeline's VAE.
-        resolution: default image side in pixels (the pipeline's default height unless given).
+        resolution: image side in pixels (the call's `height` and `width`; the pipeline's default unless given).
+        call_kwargs: the user's settings of the call (`DrPOConfig.pipeline_call_kwargs`) over the family's
+            :attr:`default_call_kwargs`.
     """
 
-    def __init__(self, pipeline: Any, resolution: int | None = None) -> None:
+    denoiser_attribute: ClassVar[str | None] = None
+    """The pipeline attribute holding the trained denoiser (`unet` or `transformer`); None finds it."""
+    default_call_kwargs: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {"num_inference_steps": 1, "guidance_scale": 0.0}
+    )
+    """The family's one-step settings of the call, used where `pipeline_call_kwargs` does not set them."""
+    lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    """LoRA targets when none are given: the attention projections (the paper's choice)."""
+
+    def __init__(
+        self, pipeline: Any, resolution: int | None = None, call_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
         self.pipeline = pipeline
-        self.denoiser: nn.Module = self._find_denoiser(pipeline)
+        self.denoiser_name = self.denoiser_attribute or self._find_denoiser_name(pipeline)
+        self.denoiser: nn.Module = getattr(pipeline, self.denoiser_name)
         self.vae: nn.Module = pipeline.vae
         self.vae_scale_factor: int = int(pipeline.vae_scale_factor)
         self.resolution: int = int(resolution) if resolution is not None else self._default_resolution()
+        user_kwargs = dict(call_kwargs or {})
+        check_call_kwargs(pipeline, user_kwargs)
+        self.call_kwargs: dict[str, Any] = {**self.default_call_kwargs, **user_kwargs}
         self._reference_denoiser: nn.Module | None = None
         self._vae_fp32: nn.Module | None = None
-        self._steps: dict[str, SingleStep] = {}
-        scheduler_name = type(pipeline.scheduler).__name__
-        if scheduler_name not in SCHEDULER_STEPS:
-            raise NotImplementedError(
-                f"OneStepGenerator cannot reproduce a step of {scheduler_name}; supported schedulers: "
-                f"{', '.join(SUPPORTED_SCHEDULERS)}."
-            )
-        self._single_step(self.device)  # validates the scheduler's single step now rather than mid-training
         # Only the denoiser is ever trained: freeze the rest so that stray gradients cannot reach it.
-        for name in ("vae", "text_encoder", "text_encoder_2"):
-            module = getattr(pipeline, name, None)
-            if isinstance(module, nn.Module):
+        for name, module in self._components().items():
+            if name != self.denoiser_name:
                 module.requires_grad_(False)
 
     # ---------------------------------------------------------------------------------------------------- creation
 
     @classmethod
-    def from_pipeline(cls, pipeline: Any, resolution: int | None = None) -> OneStepGenerator:
-        """The registered adapter for `type(pipeline)` (searched along its MRO), built on `pipeline`.
+    def from_pipeline(
+        cls, pipeline: Any, resolution: int | None = None, call_kwargs: Mapping[str, Any] | None = None
+    ) -> OneStepGenerator:
+        """The registered family for `type(pipeline)` (searched along its MRO), built on `pipeline`; for a pipeline
+        outside the registry, this class itself, which trains through the pipeline's call alone.
+
+        Args:
+            pipeline: a diffusers pipeline.
+            resolution: image side in pixels; None uses the pipeline's default.
+            call_kwargs: the call's settings (`DrPOConfig.pipeline_call_kwargs`) over the family's one-step defaults.
 
         Raises:
-            TypeError: no adapter is registered for the pipeline's class.
+            TypeError: the pipeline is outside the registry and its call does not take `latents` and `output_type`.
+            ValueError: `call_kwargs` holds an argument the call does not take, or one the generator sets itself.
         """
         for klass in type(pipeline).__mro__:
             if klass in GENERATORS:
-                return GENERATORS[klass](pipeline, resolution=resolution)
-        supported = ", ".join(sorted(k.__name__ for k in GENERATORS)) or "none"
-        raise TypeError(
-            f"No one-step generator for {type(pipeline).__name__}. Supported pipelines: {supported}. To add one, "
-            "subclass trl_drpo.generators.OneStepGenerator (implement `_encode` and `denoiser_kwargs`) and decorate "
-            f"it with `@register_generator({type(pipeline).__name__})`."
-        )
+                return GENERATORS[klass](pipeline, resolution=resolution, call_kwargs=call_kwargs)
+        missing = missing_call_arguments(pipeline)
+        if missing:
+            supported = ", ".join(sorted(k.__name__ for k in GENERATORS)) or "none"
+            raise TypeError(
+                f"No one-step generator for {type(pipeline).__name__}: its call takes no {' and no '.join(missing)}, "
+                "which training through the pipeline's own call needs (`latents=noise, output_type='latent'`). "
+                f"Registered pipelines: {supported}. To add one, subclass trl_drpo.generators.OneStepGenerator and "
+                f"decorate it with `@register_generator({type(pipeline).__name__})`."
+            )
+        return OneStepGenerator(pipeline, resolution=resolution, call_kwargs=call_kwargs)
 
     @staticmethod
-    def _find_denoiser(pipeline: Any) -> nn.Module:
-        denoiser = getattr(pipeline, "unet", None)
-        if not isinstance(denoiser, nn.Module):
-            raise TypeError(f"{type(pipeline).__name__} has no `unet` module to train.")
-        return denoiser
+    def _find_denoiser_name(pipeline: Any) -> str:
+        for name in ("unet", "transformer"):
+            if isinstance(getattr(pipeline, name, None), nn.Module):
+                return name
+        raise TypeError(f"{type(pipeline).__name__} has no `unet` or `transformer` module to train.")
+
+    def _components(self) -> dict[str, nn.Module]:
+        components = getattr(self.pipeline, "components", None) or vars(self.pipeline)
+        return {name: module for name, module in components.items() if isinstance(module, nn.Module)}
 
     def _default_resolution(self) -> int:
-        # What the pipelines use when `height` is not given: the UNet's sample size times the VAE scale factor.
+        # What the pipelines use when `height` is not given: their default sample size (or the denoiser's) times the
+        # VAE scale factor.
         sample_size = getattr(self.pipeline, "default_sample_size", None) or self.unwrapped_denoiser.config.sample_size
         if isinstance(sample_size, (tuple, list)):
             sample_size = sample_size[0]
@@ -156,19 +186,35 @@ class OneStepGenerator:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the denoiser's input latents."""
+        """Channels of the latents the VAE decodes (and of the noise before any packing)."""
         return int(self.unwrapped_denoiser.config.in_channels)
 
     @property
     def has_adapter(self) -> bool:
-        """Whether a PEFT adapter (e.g. LoRA) is loaded on the denoiser."""
-        return bool(getattr(self.unwrapped_denoiser, "_hf_peft_config_loaded", False))
+        """Whether a PEFT adapter (e.g. LoRA) is injected into the denoiser."""
+        return bool(self._tuner_layers())
+
+    def _tuner_layers(self, denoiser: nn.Module | None = None) -> list[nn.Module]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        denoiser = self.unwrapped_denoiser if denoiser is None else denoiser
+        return [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+
+    def _adapters_enabled(self, denoiser: nn.Module) -> bool:
+        return any(not layer.disable_adapters for layer in self._tuner_layers(denoiser))
+
+    def pipeline_call_kwargs(self, resolution: int | None = None) -> dict[str, Any]:
+        """The keyword arguments of `pipe(prompt, **kwargs)` that serve what is trained: :attr:`call_kwargs` with
+        `height` and `width` (the model card's quick start and `trl-drpo sample` use them)."""
+        side = int(resolution or self.resolution)
+        return {**self.call_kwargs, "height": side, "width": side}
 
     # ---------------------------------------------------------------------------------------------------- prompts
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
-        """Encode `prompts` (no gradient) with the pipeline's own `encode_prompt`, one row per prompt.
+        """Encode `prompts` (no gradient) with the pipeline's own `encode_prompt`, one row per prompt, with the
+        encoding settings the call would use (`max_sequence_length`, ...).
 
         Duplicate prompts are encoded once. Nothing is cached across calls; the trainer encodes once per step and
         expands with :meth:`PromptEmbeds.repeat_interleave`.
@@ -186,17 +232,27 @@ class OneStepGenerator:
         return embeds.select([position[p] for p in prompts])
 
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
-        """Encode distinct prompts; implemented by each pipeline adapter."""
-        raise NotImplementedError
+        """Encode distinct prompts; a family subclass returns the embeddings its call takes. Outside the registry the
+        texts are kept and the call encodes them itself (at every call)."""
+        return PromptEmbeds(prompt_embeds=None, texts=prompts)
 
-    def denoiser_kwargs(self, embeds: PromptEmbeds, latents: Tensor) -> dict[str, Any]:
-        """Keyword arguments of the denoiser call for `latents` (besides sample and timestep); per adapter."""
-        raise NotImplementedError
+    def _encode_kwargs(self) -> dict[str, Any]:
+        """Arguments of `encode_prompt` taken from the call's settings (see `call.encode_kwargs`)."""
+        return encode_kwargs(self.pipeline, self.call_kwargs)
 
     # ---------------------------------------------------------------------------------------------------- noise
 
-    def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
-        """`(batch, channels, side, side)` of the latents for square images of `resolution` pixels."""
+    def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, ...]:
+        """Shape of the noise the call's `latents=` takes for square images of `resolution` pixels:
+        `(batch, channels, side, side)` unless the family packs latents (then see the family)."""
+        return self.grid_shape(batch_size, resolution)
+
+    def grid_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
+        """`(batch, channels, side, side)`: the latents on the VAE's grid for square images of `resolution` pixels.
+
+        Raises:
+            ValueError: `resolution` is not a multiple of the VAE scale factor.
+        """
         resolution = int(resolution or self.resolution)
         if resolution % self.vae_scale_factor:
             raise ValueError(
@@ -208,79 +264,90 @@ class OneStepGenerator:
     def make_noise(
         self, batch_size: int, generator: torch.Generator | None = None, resolution: int | None = None
     ) -> Tensor:
-        """Standard normal initial noise with the latent shape, on :attr:`device` in :attr:`dtype`.
+        """Standard normal initial noise in the layout of the call's `latents=`, on :attr:`device` in :attr:`dtype`.
 
         The draw happens on the generator's device (CPU for a default `torch.Generator()`) in float32 and is then
         moved, so one seed gives the same noise whatever device trains.
         """
-        shape = self.latent_shape(batch_size, resolution)
+        shape = self.grid_shape(batch_size, resolution)
         draw_device = generator.device if generator is not None else torch.device("cpu")
         noise = torch.randn(shape, generator=generator, device=draw_device, dtype=torch.float32)
-        return noise.to(device=self.device, dtype=self.dtype)
+        return self.pack_latents(noise).to(device=self.device, dtype=self.dtype)
+
+    def noise_resolution(self, noise: Tensor) -> int:
+        """The image side in pixels that `noise` (in the layout of :meth:`make_noise`) is for."""
+        return int(noise.shape[-1]) * self.vae_scale_factor
 
     # ---------------------------------------------------------------------------------------------------- sampling
 
-    def _single_step(self, device: torch.device) -> SingleStep:
-        key = str(device)
-        if key not in self._steps:
-            self._steps[key] = SingleStep.build(self.pipeline.scheduler, device)
-        return self._steps[key]
+    def one_step(
+        self, denoiser: nn.Module, embeds: PromptEmbeds, noise: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """The pipeline's call with `denoiser` in place of its own, returning latents with the autograd graph.
 
-    def one_step(self, denoiser: nn.Module, embeds: PromptEmbeds, noise: Tensor) -> Tensor:
-        """The pipeline's single step with `denoiser`: scale by init sigma, scale the input, predict, step to x0.
+        Args:
+            denoiser: the module to run (the trained denoiser, a DDP/compile wrapper of it, or the frozen reference);
+                it is the pipeline's denoiser for the duration of the call only.
+            embeds: one row per noise sample.
+            noise: the call's `latents=`, in the layout of :meth:`make_noise`.
+            generator: drives any randomness inside the call (ancestral and consistency schedulers, schedulers that
+                draw noise they then weigh by zero); None uses a fixed seed, so that the global RNG is never drawn
+                from and a call is a function of its inputs.
 
-        Differentiable in the denoiser's parameters and in `noise`; :meth:`sample` and :meth:`reference` call it.
+        Returns:
+            The call's `output_type="latent"` output, in the layout of `noise`.
         """
         if len(embeds) != noise.shape[0]:
             raise ValueError(f"{len(embeds)} prompt embeddings for {noise.shape[0]} noise samples.")
         device = self.device
-        single = self._single_step(device)
-        latents = noise.to(device=device) * single.scheduler.init_noise_sigma
-        model_input = single.scheduler.scale_model_input(latents, single.timestep)
-        model_output = denoiser(
-            model_input, single.timestep, return_dict=False, **self.denoiser_kwargs(embeds.to(device), latents)
-        )[0]
-        return single.step(latents, model_output)
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        kwargs = {
+            **self.pipeline_call_kwargs(self.noise_resolution(noise)),
+            **embeds.to(device).call_kwargs(),
+            "latents": noise.to(device),
+            "output_type": "latent",
+            "return_dict": False,
+            "generator": generator,
+        }
+        call = undecorated_call(self.pipeline)
+        with swapped_component(self.pipeline, self.denoiser_name, denoiser), progress_bar_disabled(self.pipeline):
+            return call(self.pipeline, **kwargs)[0]
 
-    def sample(self, embeds: PromptEmbeds, noise: Tensor) -> Tensor:
+    def sample(self, embeds: PromptEmbeds, noise: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Clean latents from `noise` with gradient through :attr:`denoiser` (and its LoRA).
 
-        Equals `pipe(prompt, num_inference_steps=1, guidance_scale=0.0, latents=noise, output_type="latent")`.
+        Equals `pipe(**embeds, **self.pipeline_call_kwargs(), latents=noise, output_type="latent")`.
         """
-        return self.one_step(self.denoiser, embeds, noise)
+        return self.one_step(self.denoiser, embeds, noise, generator)
 
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[nn.Module]:
         """Context yielding the module that computes the *base* model.
 
         That is the frozen reference set by :meth:`set_reference_denoiser` if any; otherwise the unwrapped denoiser
-        with its adapters disabled for the duration (re-enabled on exit only if they were enabled on entry), or
-        the unwrapped denoiser itself when no adapter is loaded. No copy of the model is made.
+        with its adapter layers disabled for the duration (re-enabled on exit only if they were enabled on entry), or
+        the unwrapped denoiser itself when no adapter is injected. No copy of the model is made. The PEFT layers are
+        switched directly, which serves denoisers with diffusers' adapter methods and PEFT-injected ones alike.
         """
         if self._reference_denoiser is not None:
             yield self._reference_denoiser
             return
         denoiser = self.unwrapped_denoiser
-        if not self.has_adapter or not self._adapters_enabled(denoiser):
-            yield denoiser
-            return
-        denoiser.disable_adapters()
+        enabled = [layer for layer in self._tuner_layers() if not layer.disable_adapters]
+        for layer in enabled:
+            layer.enable_adapters(False)
         try:
             yield denoiser
         finally:
-            denoiser.enable_adapters()
-
-    @staticmethod
-    def _adapters_enabled(denoiser: nn.Module) -> bool:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        return any(not m.disable_adapters for m in denoiser.modules() if isinstance(m, BaseTunerLayer))
+            for layer in enabled:
+                layer.enable_adapters(True)
 
     @torch.no_grad()
-    def reference(self, embeds: PromptEmbeds, noise: Tensor) -> Tensor:
+    def reference(self, embeds: PromptEmbeds, noise: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Latents of the base model (adapter disabled, or the frozen reference) for the same inputs; no gradient."""
         with self.adapter_disabled() as base:
-            return self.one_step(base, embeds, noise)
+            return self.one_step(base, embeds, noise, generator)
 
     def set_reference_denoiser(self, module: nn.Module | None) -> None:
         """Use a frozen copy of the base denoiser for :meth:`reference` and base features (full fine-tuning).
@@ -291,24 +358,59 @@ class OneStepGenerator:
             module = unwrap_module(module).eval().requires_grad_(False)
         self._reference_denoiser = module
 
+    # ---------------------------------------------------------------------------------------------------- features
+
+    def denoiser_inputs(self, embeds: PromptEmbeds, latents: Tensor, timestep: int) -> dict[str, Any]:
+        """Keyword arguments of one direct denoiser forward on `latents` (the call's layout) at `timestep` (on the
+        0-1000 training scale), for the `denoiser` feature map; per family.
+
+        Raises:
+            NotImplementedError: outside the registry, where the denoiser's inputs are unknown.
+        """
+        raise NotImplementedError(
+            f"The `denoiser` feature map needs to know how {type(self.pipeline).__name__} calls its denoiser, which "
+            "only registered pipeline families say: use feature_map='latent' or a pixel feature map, or register a "
+            "family for this pipeline."
+        )
+
+    def feature_blocks(self) -> list[str]:
+        """Names of the denoiser's top-level blocks in execution order (what the `denoiser` feature map hooks)."""
+        denoiser = self.unwrapped_denoiser
+        names = [f"down_blocks.{i}" for i in range(len(getattr(denoiser, "down_blocks", [])))]
+        if getattr(denoiser, "mid_block", None) is not None:
+            names.append("mid_block")
+        names += [f"up_blocks.{i}" for i in range(len(getattr(denoiser, "up_blocks", [])))]
+        for stack in ("transformer_blocks", "single_transformer_blocks"):
+            names += [f"{stack}.{i}" for i in range(len(getattr(denoiser, stack, [])))]
+        return names
+
+    def block_image_features(self, output: Any) -> Tensor:
+        """The image stream of a hooked block's output: the first element of a tuple (UNet blocks return the hidden
+        states first); families whose blocks return the text stream first override this."""
+        return output[0] if isinstance(output, (tuple, list)) else output
+
     # ---------------------------------------------------------------------------------------------------- LoRA
 
     def add_lora(
         self,
         rank: int = 16,
         alpha: float = 16,
-        target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        target_modules: Sequence[str] | None = None,
         dropout: float = 0.0,
         adapter_name: str = "default",
         upcast_to_fp32: bool = True,
         config: Any = None,
         **lora_kwargs: Any,
     ) -> list[nn.Parameter]:
-        """Add a LoRA adapter to the denoiser via diffusers' PEFT integration and freeze all base weights.
+        """Add a LoRA adapter to the denoiser and freeze all base weights.
+
+        Through diffusers' PEFT integration (`add_adapter`) where the denoiser has it, else with PEFT's
+        `inject_adapter_in_model` (PixArt's transformer); either way `peft_config` on the denoiser records it.
 
         Args:
             rank, alpha, target_modules, dropout: `peft.LoraConfig`'s `r`, `lora_alpha`, `target_modules`,
-                `lora_dropout`. The defaults are the paper's (r16/alpha16 on the attention projections).
+                `lora_dropout`. The defaults are the paper's: r16/alpha16 on the family's
+                :attr:`lora_target_modules` (the attention projections).
             adapter_name: name of the adapter in the denoiser.
             upcast_to_fp32: keep LoRA weights in fp32 when the denoiser is fp16/bf16, so that optimizer updates are
                 not lost to rounding (PEFT would otherwise create them in the base dtype).
@@ -322,12 +424,17 @@ class OneStepGenerator:
         if config is None:
             from peft import LoraConfig
 
-            config = LoraConfig(
-                r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout, **lora_kwargs
-            )
+            targets = list(target_modules) if target_modules else list(self.lora_target_modules)
+            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, **lora_kwargs)
         denoiser = self.unwrapped_denoiser
         denoiser.requires_grad_(False)
-        denoiser.add_adapter(config, adapter_name=adapter_name)
+        if hasattr(denoiser, "add_adapter"):
+            denoiser.add_adapter(config, adapter_name=adapter_name)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
+            denoiser.peft_config = {**getattr(denoiser, "peft_config", {}), adapter_name: config}
         params = self.trainable_parameters()
         if upcast_to_fp32:
             for param in params:
@@ -366,26 +473,41 @@ class OneStepGenerator:
         return tuple(torch.tensor(v).view(shape).to(latents.device, latents.dtype) for v in (mean, std))
 
     def _unscale_latents(self, latents: Tensor) -> Tensor:
-        # UNet space -> VAE space.
+        # Denoiser space -> VAE space, in the pipelines' own order of operations: statistics (SDXL), else divide by
+        # the scaling factor and add the shift factor (SD3, Flux).
         statistics = self._latent_statistics(latents)
         if statistics is not None:
             return latents * statistics[1] / self.vae.config.scaling_factor + statistics[0]
-        return latents / self.vae.config.scaling_factor
+        latents = latents / self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None)
+        return latents if shift is None else latents + shift
 
     def _scale_latents(self, latents: Tensor) -> Tensor:
-        # VAE space -> UNet space (the inverse of `_unscale_latents`).
+        # VAE space -> denoiser space (the inverse of `_unscale_latents`).
         statistics = self._latent_statistics(latents)
         if statistics is not None:
             return (latents - statistics[0]) * self.vae.config.scaling_factor / statistics[1]
-        return latents * self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None)
+        return (latents if shift is None else latents - shift) * self.vae.config.scaling_factor
+
+    def pack_latents(self, latents: Tensor) -> Tensor:
+        """`(B, C, h, w)` VAE-grid latents in the layout the call's `latents=` takes (identity unless the family
+        packs them)."""
+        return latents
+
+    def unpack_latents(self, latents: Tensor) -> Tensor:
+        """The inverse of :meth:`pack_latents`: `(B, C, h, w)` latents on the VAE's grid."""
+        return latents
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Any]) -> Tensor:
-        """UNet-space latents of images, as :meth:`sample` returns latents: `(B, C, h, w)` in the denoiser's dtype.
+        """Denoiser-space latents of images, as :meth:`sample` returns latents (the layout of :meth:`make_noise`), in
+        the denoiser's dtype.
 
         Each image (a PIL image, or a `(3, H, W)` float tensor in [0, 1]) is resized and centre-cropped to the training
         resolution by the pipeline's own image processor (`resize_mode="crop"`), encoded by the VAE (the posterior's
-        mode, as the authors' offline DrPO does) and scaled into the denoiser's latent space.
+        mode, as the authors' offline DrPO does; a deterministic autoencoder's latent) and scaled into the denoiser's
+        latent space.
         """
         images = [to_pil(image[None])[0] if isinstance(image, Tensor) else image.convert("RGB") for image in images]
         pixels = self.pipeline.image_processor.preprocess(
@@ -393,13 +515,14 @@ class OneStepGenerator:
         )
         vae = self._decoding_vae()
         param = next(vae.parameters())
-        posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
-        return self._scale_latents(posterior.mode()).to(device=self.device, dtype=self.dtype)
+        encoded = vae.encode(pixels.to(device=param.device, dtype=param.dtype))
+        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latent
+        return self.pack_latents(self._scale_latents(latents)).to(device=self.device, dtype=self.dtype)
 
     def _decode_chunk(self, latents: Tensor, watermark: bool) -> Tensor:
         vae = self._decoding_vae()
         param = next(vae.parameters())
-        latents = latents.to(device=param.device, dtype=param.dtype)
+        latents = self.unpack_latents(latents).to(device=param.device, dtype=param.dtype)
         image = vae.decode(self._unscale_latents(latents), return_dict=False)[0]
         marker = getattr(self.pipeline, "watermark", None)
         if watermark and marker is not None:
@@ -413,10 +536,10 @@ class OneStepGenerator:
         chunk_size: int | None = None,
         requires_grad: bool = False,
     ) -> Tensor | list[Any]:
-        """Decode UNet-space latents to images as the pipeline does after its last step.
+        """Decode latents to images as the pipeline does after its last step (unpacking, scaling and shift factors).
 
         Args:
-            latents: `(B, C, h, w)` latents from :meth:`sample` / :meth:`reference`.
+            latents: latents from :meth:`sample` / :meth:`reference` (the layout of :meth:`make_noise`).
             output_type: `"pt"` for a float32 tensor `(B, 3, H, W)` in [0, 1], `"pil"` for a list of PIL images.
             chunk_size: decode at most this many latents at once (VAE memory); None decodes all at once.
             requires_grad: keep the graph back to `latents` (pixel feature maps). Only with `output_type="pt"`;
