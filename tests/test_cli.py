@@ -192,3 +192,14 @@ def test_the_digit_worlds_base_is_a_builtin_model_name():
     shipped = digits.load_pipeline()
     assert type(pipe) is type(shipped)
     assert torch.equal(pipe.unet.conv_in.weight, shipped.unet.conv_in.weight)
+
+
+@pytest.mark.parametrize(
+    "name, family", [("trl-drpo/tiny-flux", "FluxPipeline"), ("trl-drpo/tiny-sana", "SanaSprintPipeline")]
+)
+def test_the_tiny_flux_and_sana_sprint_pipelines_are_builtin_model_names_in_eval_mode(name, family):
+    from trl_drpo.cli import load_pipeline
+
+    pipe = load_pipeline(name)
+    assert type(pipe).__name__ == family
+    assert not any(module.training for module in pipe.components.values() if isinstance(module, torch.nn.Module))

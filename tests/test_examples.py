@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -17,8 +19,25 @@ from trl_drpo.hub import LORA_WEIGHT_NAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
-SCRIPTS = {"sd_turbo_paper": "train_sd_turbo.py", "sdxl_turbo_paper": "train_sdxl_turbo.py"}
-TINY = {"sd_turbo_paper": "trl-drpo/tiny-sd", "sdxl_turbo_paper": "trl-drpo/tiny-sdxl"}
+SCRIPTS = {
+    "sd_turbo_paper": "train_sd_turbo.py",
+    "sdxl_turbo_paper": "train_sdxl_turbo.py",
+    "flux_schnell": "train_flux_schnell.py",
+    "sana_sprint": "train_sana_sprint.py",
+}
+"""Each example script by the preset it defaults to (and whose YAML file, examples/configs/<preset>.yaml, it runs)."""
+MODELS = {
+    "sd_turbo_paper": "stabilityai/sd-turbo",
+    "sdxl_turbo_paper": "stabilityai/sdxl-turbo",
+    "flux_schnell": "black-forest-labs/FLUX.1-schnell",
+    "sana_sprint": "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+}
+TINY = {
+    "sd_turbo_paper": "trl-drpo/tiny-sd",
+    "sdxl_turbo_paper": "trl-drpo/tiny-sdxl",
+    "flux_schnell": "trl-drpo/tiny-flux",
+    "sana_sprint": "trl-drpo/tiny-sana",
+}
 
 
 def load_example(script: str):
@@ -35,23 +54,42 @@ def parse(preset: str, *argv: str):
 
 
 @pytest.mark.parametrize("preset", sorted(SCRIPTS))
-def test_yaml_config_reproduces_the_paper_preset(preset, tmp_path):
+def test_yaml_config_reproduces_the_preset(preset, tmp_path):
     yaml_path = os.path.join(EXAMPLES, "configs", f"{preset}.yaml")
     script_args, config = parse(preset, "--config", yaml_path, "--output_dir", str(tmp_path))
     for name, value in PRESETS[preset].items():
         assert getattr(config, name) == value, name
-    assert script_args.model_name_or_path == {"sd_turbo_paper": "stabilityai/sd-turbo"}.get(
-        preset, "stabilityai/sdxl-turbo"
-    )
-    assert script_args.variant == "fp16" and script_args.reward_funcs == ["pickscore"]
+    assert script_args.model_name_or_path == MODELS[preset]
+    assert script_args.variant == ("fp16" if preset.endswith("_paper") else None)
+    assert script_args.reward_funcs == ["pickscore"]
     assert config.dataset_name and config.eval_prompts
 
 
+def test_the_flux_and_sana_sprint_recipes_are_the_sdxl_turbo_one_with_what_their_transformers_need():
+    # Ours: the paper has no recipe for them. K, anchors, lr, the field and the features are its SDXL-Turbo recipe's.
+    sdxl = PRESETS["sdxl_turbo_paper"]
+    for preset in ("flux_schnell", "sana_sprint"):
+        ours = {name for name, value in PRESETS[preset].items() if sdxl.get(name, object()) != value}
+        assert ours <= {
+            "max_steps",
+            "resolution",
+            "lora_target_modules",
+            "candidate_chunk_size",
+            "gradient_checkpointing",
+        }
+        assert PRESETS[preset]["bf16"] and PRESETS[preset]["num_generations"] == 16
+        assert PRESETS[preset]["learning_rate"] == 1e-5
+    flux_targets = PRESETS["flux_schnell"]["lora_target_modules"]
+    assert {"to_q", "add_q_proj", "to_add_out"} <= set(flux_targets)
+    assert PRESETS["sana_sprint"]["resolution"] == 1024 and PRESETS["flux_schnell"]["resolution"] == 512
+
+
 @pytest.mark.parametrize("preset", sorted(SCRIPTS))
-def test_example_defaults_to_the_paper_preset_without_a_config(preset, tmp_path):
-    _, config = parse(preset, "--output_dir", str(tmp_path))
+def test_example_defaults_to_its_preset_and_model_without_a_config(preset, tmp_path):
+    script_args, config = parse(preset, "--output_dir", str(tmp_path))
     for name, value in PRESETS[preset].items():
         assert getattr(config, name) == value, name
+    assert script_args.model_name_or_path == MODELS[preset]
 
 
 def test_flags_override_the_yaml_config(tmp_path):
@@ -140,35 +178,118 @@ def test_example_trains_a_few_steps_under_accelerate_launch_and_writes_its_artef
     assert f"| reference_loss_weight | `{PRESETS[preset]['reference_loss_weight']}` |" in card
 
 
-def documented_commands(path: str, marker: str) -> list[str]:
-    """The shell commands of a markdown file's ```bash blocks that contain `marker`, with continuation lines
-    joined, exactly as a reader would paste them."""
-    text = open(path, encoding="utf-8").read()
+def shell_commands(text: str, marker: str) -> list[str]:
+    """The shell commands of `text` that contain `marker`, one a line once continuation lines are joined, exactly
+    as a reader would paste them (a trailing ``  # comment`` dropped)."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for command in block.replace("\\\n", " ").splitlines():
-            command = command.split("  #")[0].strip()
-            if marker in command:
-                commands.append(command)
+    for command in text.replace("\\\n", " ").splitlines():
+        command = re.sub(r"\s+", " ", command.split("  #")[0]).strip()
+        if marker in command and command.startswith(("accelerate ", "trl-drpo ", "python ")):
+            commands.append(command)
     return commands
 
 
+def documented_commands(path: str, marker: str) -> list[str]:
+    """The commands of a markdown file's ```bash blocks that contain `marker`."""
+    text = open(path, encoding="utf-8").read()
+    return [
+        command
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+        for command in shell_commands(block, marker)
+    ]
+
+
+def docstring_commands(script: str, marker: str = "") -> list[str]:
+    """The commands written in an example script's docstring (read without importing the script)."""
+    with open(os.path.join(EXAMPLES, script), encoding="utf-8") as handle:
+        return shell_commands(ast.get_docstring(ast.parse(handle.read())), marker)
+
+
+EXAMPLES_README = os.path.join(EXAMPLES, "README.md")
+SMOKE_COMMANDS = list(
+    dict.fromkeys(
+        documented_commands(EXAMPLES_README, "tiny_cpu.yaml")
+        + [command for script in SCRIPTS.values() for command in docstring_commands(script, "tiny_cpu.yaml")]
+    )
+)
+"""Every CPU smoke command of examples/README.md and of the example scripts' docstrings, once each."""
+
+REAL_COMMANDS = [
+    (preset, command)
+    for preset in ("flux_schnell", "sana_sprint")
+    for command in dict.fromkeys(
+        docstring_commands(SCRIPTS[preset]) + documented_commands(EXAMPLES_README, SCRIPTS[preset])
+    )
+    if "trl-drpo/tiny-" not in command
+]
+"""The FLUX.1-schnell and SANA-Sprint commands on the real models, from the scripts' docstrings and the README."""
+
+
+def test_the_documented_commands_are_found():
+    assert len(SMOKE_COMMANDS) == 5  # the four example scripts under accelerate launch, and `trl-drpo train`
+    for preset in ("flux_schnell", "sana_sprint"):
+        documented = [command for name, command in REAL_COMMANDS if name == preset]
+        assert f"accelerate launch examples/{SCRIPTS[preset]} --config examples/configs/{preset}.yaml" in documented
+        assert any("multi_gpu.yaml --num_processes 4" in command for command in documented)
+
+
+@pytest.mark.parametrize("preset, command", REAL_COMMANDS, ids=[f"{p}-{i}" for i, (p, _) in enumerate(REAL_COMMANDS)])
+def test_the_documented_real_model_commands_parse_into_the_recipe(preset, command, monkeypatch):
+    # The real checkpoints cannot be downloaded here: the command is parsed as `accelerate launch` and the script
+    # would parse it, from the repository root, and must give the recipe on the real model in bf16.
+    import torch
+    from accelerate.commands.launch import launch_command_parser
+
+    from trl_drpo.cli import resolve_dtype
+
+    monkeypatch.chdir(REPO)
+    argv = shlex.split(command)
+    assert argv[:2] == ["accelerate", "launch"], command
+    launch = launch_command_parser().parse_args(argv[2:])
+    assert launch.training_script == f"examples/{SCRIPTS[preset]}"
+    assert launch.config_file is None or os.path.isfile(launch.config_file)
+    script_args, config = parse(preset, *launch.training_script_args)  # with --use_cpu: bf16 on this CPU
+    assert script_args.model_name_or_path == MODELS[preset]
+    assert resolve_dtype(script_args.torch_dtype, fp16=config.fp16, bf16=config.bf16) == torch.bfloat16
+    for name, value in PRESETS[preset].items():
+        assert getattr(config, name) == value, name
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("index", [0, 1, 2])
-def test_the_documented_cpu_smoke_commands_run_as_written(index, tmp_path):
-    commands = documented_commands(os.path.join(EXAMPLES, "README.md"), "tiny_cpu.yaml")
-    assert len(commands) == 3  # the two example scripts under accelerate launch, and `trl-drpo train`
+@pytest.mark.parametrize(
+    "command",
+    SMOKE_COMMANDS,
+    ids=[re.search(r"train_\w+|trl-drpo train", c).group().replace(" ", "-") for c in SMOKE_COMMANDS],
+)
+def test_the_documented_cpu_smoke_commands_run_as_written_and_their_adapter_loads(command, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from trl_drpo.cli import load_pipeline
+
     # Run from a folder that looks like the repository root (the commands use repository-relative paths), so the
-    # outputs land in the temporary folder.
+    # outputs land in the temporary folder; the commands import this tree.
     os.symlink(EXAMPLES, tmp_path / "examples")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    result = subprocess.run(
-        commands[index], shell=True, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
-    )
+    env["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, [env.get("PYTHONPATH")])])
+    result = subprocess.run(command, shell=True, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    named = re.search(r"--output_dir (\S+)", commands[index])
-    assert (tmp_path / (named.group(1) if named else "drpo-tiny") / LORA_WEIGHT_NAME).is_file()
+    named = re.search(r"--output_dir (\S+)", command)
+    adapter = tmp_path / (named.group(1) if named else "drpo-tiny")
+    assert (adapter / LORA_WEIGHT_NAME).is_file()
+
+    # The family's own loader (`pipe.load_lora_weights`) takes every tensor of the adapter, as saved.
+    model = re.search(r"--model_name_or_path (\S+)", command)
+    pipe = load_pipeline(model.group(1) if model else "trl-drpo/tiny-sd")
+    pipe.load_lora_weights(str(adapter))
+    (name,) = pipe.get_active_adapters()
+    saved = load_file(adapter / LORA_WEIGHT_NAME)
+    for key, tensor in saved.items():
+        component, parameter = key.split(".", 1)
+        loaded = getattr(pipe, component).get_parameter(parameter.replace(".weight", f".{name}.weight"))
+        assert torch.equal(loaded, tensor), key
+    assert any(tensor.abs().max() > 0 for key, tensor in saved.items() if "lora_B" in key)  # trained, not initial
 
 
 def test_the_digits_yaml_reproduces_the_digits_preset(tmp_path):

@@ -224,6 +224,38 @@ def test_a_dtype_cast_after_construction_is_followed(setup):
     torch.testing.assert_close(latents.detach(), served(pipe, gen, noise), atol=0, rtol=0)
 
 
+def flux_trainer(tmp_path) -> DrPOTrainer:
+    """A one-update DrPOTrainer on the tiny FLUX.1-schnell pipeline, on the CPU."""
+    pipe = SETUPS["flux-schnell"].build()
+    config = tiny_drpo_config(
+        tmp_path, max_steps=1, resolution=RESOLUTION, pipeline_call_kwargs=call_kwargs("flux-schnell", pipe)
+    )
+    return DrPOTrainer(pipe, mean_brightness, config, train_dataset=PROMPTS)
+
+
+def test_a_half_precision_move_after_the_trainer_is_built_is_followed_with_the_trained_weights_kept_in_fp32(tmp_path):
+    trainer = flux_trainer(tmp_path)
+    gen = trainer.generator
+    gen.pipeline.to("cpu", torch.bfloat16)  # the trainer's device, a new dtype: the cast reaches the LoRA weights too
+    lora = {name: p for name, p in gen.unwrapped_denoiser.named_parameters() if "lora_" in name}
+    before = {name: p.detach().float().clone() for name, p in lora.items()}
+    trainer.train()
+    assert gen.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in lora.values())
+    assert any(not torch.equal(p.detach(), before[name]) for name, p in lora.items())
+    noise = noise_for(gen)
+    assert noise.dtype == torch.bfloat16
+    latents = gen.sample(gen.encode_prompts(PROMPTS), noise)
+    torch.testing.assert_close(latents.detach(), served(gen.pipeline, gen, noise), atol=0, rtol=0)
+
+
+def test_a_pipeline_moved_off_the_trainers_device_stops_the_next_step_naming_the_fix(tmp_path):
+    trainer = flux_trainer(tmp_path)
+    trainer.generator.pipeline.to("meta")  # any device other than the one the trainer placed it on (the CPU here)
+    moved = r"moved after the trainer was built, which placed it on cpu.*'transformer': 'meta'.*pipe\.to\('cpu'\)"
+    with pytest.raises(ValueError, match=moved):
+        trainer.train()
+
+
 def test_a_wrapped_denoiser_is_called_for_the_duration_of_the_call_only():
     class Wrapper(torch.nn.Module):
         def __init__(self, module):

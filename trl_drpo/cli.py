@@ -10,8 +10,8 @@ win over the file), exactly like the example scripts; on several GPUs run it thr
 ``accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml -m trl_drpo.cli train --config ...``.
 `sample` and `evaluate` render fixed-seed images with the pipeline itself (one step, no guidance), base model and
 adapter with the same initial noise, following the trainer's protocol: image ``(seed, i)`` starts from the noise
-seeded with ``seed * 10**6 + i``. ``--model_name_or_path trl-drpo/tiny-sd`` (or ``trl-drpo/tiny-sdxl``) selects the
-tiny offline pipeline of `trl_drpo.tiny_pipelines` instead of a Hub id or local folder.
+seeded with ``seed * 10**6 + i``. ``--model_name_or_path trl-drpo/tiny-sd`` (or ``tiny-sdxl``, ``tiny-flux``,
+``tiny-sana``) selects a tiny offline pipeline of `trl_drpo.tiny_pipelines` instead of a Hub id or local folder.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 BUILTIN_MODELS = {
     "trl-drpo/tiny-sd": "trl_drpo.tiny_pipelines:tiny_sd_pipeline",
     "trl-drpo/tiny-sdxl": "trl_drpo.tiny_pipelines:tiny_sdxl_pipeline",
+    "trl-drpo/tiny-flux": "trl_drpo.tiny_pipelines:tiny_flux_pipeline",
+    "trl-drpo/tiny-sana": "trl_drpo.tiny_pipelines:tiny_sana_sprint_pipeline",
     "trl-drpo/digits": "trl_drpo.worlds.digits:load_pipeline",
 }
 """Model names served offline by the package: the tiny random pipelines of `trl_drpo.tiny_pipelines` (tests and CPU
@@ -55,8 +57,8 @@ class ModelArguments:
     model_name_or_path: str = field(
         default="stabilityai/sd-turbo",
         metadata={
-            "help": "Hub id or local folder of a diffusers pipeline; trl-drpo/tiny-sd(xl) for the tiny random ones, "
-            "trl-drpo/digits for the digit world's pretrained base."
+            "help": "Hub id or local folder of a diffusers pipeline; trl-drpo/tiny-sd, tiny-sdxl, tiny-flux or "
+            "tiny-sana for the tiny random ones, trl-drpo/digits for the digit world's pretrained base."
         },
     )
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})

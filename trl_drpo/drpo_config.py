@@ -76,6 +76,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# FLUX.1-schnell and SANA-Sprint: the paper has no recipe for them, so these are ours (examples/configs/
+# flux_schnell.yaml and sana_sprint.yaml mark each value). They keep the paper's SDXL-Turbo recipe, the one for its
+# larger model (K=16, 8/8 anchors, lr 1e-5, the teacher-feature field, bf16, 8 accumulated prompts), and change
+# what the models call for: 1000 updates (the SD-Turbo recipe's length), LoRA on the attention projections of the
+# transformer, candidates processed 4 at a time, the image size, and for FLUX's 12B transformer gradient
+# checkpointing. Neither has been run on the real checkpoint here.
+PRESETS["flux_schnell"] = {
+    **PRESETS["sdxl_turbo_paper"],
+    "max_steps": 1000,
+    "resolution": 512,
+    # Both streams of the double-stream blocks (the text stream's add_*_proj / to_add_out); the single-stream
+    # blocks' to_q/k/v (their output projection is fused with the MLP's).
+    "lora_target_modules": [*_LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    "candidate_chunk_size": 4,
+    "gradient_checkpointing": True,
+}
+PRESETS["sana_sprint"] = {
+    **PRESETS["sdxl_turbo_paper"],
+    "max_steps": 1000,
+    "resolution": 1024,  # the 1024px model's own size: a 32x32 latent grid, 1024 tokens like FLUX's 512 px
+    "lora_target_modules": list(_LORA_TARGETS),  # the paper's: self- (linear) and cross-attention
+    "candidate_chunk_size": 4,
+}
+
 
 @dataclass
 class DrPOConfig(TrainingArguments):
@@ -424,9 +448,10 @@ class DrPOConfig(TrainingArguments):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DrPOConfig:
-        """A config reproducing one of the paper's recipes (`"sd_turbo_paper"`, `"sdxl_turbo_paper"`) or the digit
-        world's (`"digits"`, see `trl_drpo.worlds.digits`), with `overrides` applied on top (e.g. `output_dir`, or
-        `fp16=False` on a CPU)."""
+        """A config reproducing one of the paper's recipes (`"sd_turbo_paper"`, `"sdxl_turbo_paper"`), our recipes
+        for FLUX.1-schnell and SANA-Sprint (`"flux_schnell"`, `"sana_sprint"`, derived from the SDXL-Turbo one) or
+        the digit world's (`"digits"`, see `trl_drpo.worlds.digits`), with `overrides` applied on top (e.g.
+        `output_dir`, or `fp16=False` on a CPU)."""
         if name not in PRESETS:
             raise ValueError(f"Unknown DrPO preset {name!r}; choose one of {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})

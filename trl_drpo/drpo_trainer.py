@@ -217,6 +217,7 @@ class DrPOTrainer(Trainer):
             handler.callbacks, self.model, self.processing_class, self.optimizer, self.lr_scheduler
         )
         self.generator.pipeline.to(self.accelerator.device)
+        self._pipeline_device = self.generator.device  # the concrete device (cuda:0 for Accelerate's "cuda")
         self.feature_map = build_feature_map(
             args.feature_map, self.generator, keys=args.feature_keys, **(args.feature_map_kwargs or {})
         )
@@ -256,7 +257,30 @@ class DrPOTrainer(Trainer):
             problems = checkpoint_problems(resume_from_checkpoint, weights)
             if problems:
                 raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {'; '.join(problems)}.")
+        self._follow_pipeline_changes()  # before transformers moves the denoiser (only) back to the trainer's device
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _follow_pipeline_changes(self) -> None:
+        """Train what the pipeline serves after the user changed it (each step runs the pipeline's own call with its
+        current scheduler and dtype): a half-precision cast, which also reaches the trained weights, is followed with
+        those weights put back in fp32; a move to another device raises, naming the fix, since the optimizer state,
+        the feature map and Accelerate's placement stay on the device the trainer was built with (and `train()`
+        would move the denoiser back, but not the text encoders and the VAE)."""
+        placed = self._pipeline_device
+        moved = {}
+        for name, module in self.generator.pipeline.components.items():
+            param = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
+            if param is not None and param.device != placed:
+                moved[name] = str(param.device)
+        if moved:
+            raise ValueError(
+                f"The pipeline was moved after the trainer was built, which placed it on {placed}, where its "
+                f"optimizer state and feature map are: now {moved}. A pipeline moved (or offloaded) after the "
+                f"trainer is built cannot be trained: move it back with `pipe.to({str(placed)!r})`. The trainer "
+                "places the pipeline on its Accelerate device: choose that device with `accelerate launch` (or "
+                "CUDA_VISIBLE_DEVICES, or `use_cpu=True`)."
+            )
+        self.generator.upcast_trainable_parameters()
 
     def _noise_generator(self) -> torch.Generator:
         """A generator seeded by (seed, rank, update, micro-step): each rank samples its own noise, and a resumed
@@ -272,6 +296,7 @@ class DrPOTrainer(Trainer):
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
+        self._follow_pipeline_changes()
         model.train()
         args = self.args
         prompts = list(inputs["prompt"])

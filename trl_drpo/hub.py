@@ -445,6 +445,8 @@ def render_model_card(
         ),
         cli_call_options=_cli_call_options(call_kwargs),
         pipeline_loader=_pipeline_loader(pipeline),
+        # Half precision for serving: bf16 for a run trained in bf16 (FLUX and SANA publish bf16 weights), else fp16.
+        serving_dtype="bfloat16" if _precision(args) == "bf16" else "float16",
         loads_with_diffusers=hasattr(pipeline, "load_lora_weights"),
         base_model_url=f"https://huggingface.co/{base_hub_id}" if base_hub_id else None,
         rewards=[(name, weight / total) for name, weight in zip(reward_names, reward_weights)],

@@ -435,16 +435,24 @@ class OneStepGenerator:
 
             inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
             denoiser.peft_config = {**getattr(denoiser, "peft_config", {}), adapter_name: config}
-        params = self.trainable_parameters()
         if upcast_to_fp32:
-            for param in params:
-                if param.dtype in (torch.float16, torch.bfloat16):
-                    param.data = param.data.float()
-        return params
+            self.upcast_trainable_parameters()
+        return self.trainable_parameters()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters of the denoiser with `requires_grad=True`."""
         return [p for p in self.unwrapped_denoiser.parameters() if p.requires_grad]
+
+    def upcast_trainable_parameters(self) -> None:
+        """Put the trainable parameters (and their gradients) in fp32 where they are fp16/bf16, in place: the same
+        `Parameter` objects, so an optimizer holding them keeps them. A half-precision cast of the pipeline
+        (`pipe.to(torch.bfloat16)`) reaches the LoRA weights too; training them in half precision would lose small
+        updates to rounding."""
+        for param in self.trainable_parameters():
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+                if param.grad is not None:
+                    param.grad = param.grad.float()
 
     # ---------------------------------------------------------------------------------------------------- decoding
 
