@@ -58,3 +58,8 @@ class UnloadableReward:
 
     def __call__(self, images, prompts) -> list[float]:
         return [0.0] * len(images)
+
+
+def lora_state(trainer) -> dict:
+    """A detached copy of the trainer's LoRA weights, by parameter name."""
+    return {name: p.detach().clone() for name, p in trainer.generator.denoiser.named_parameters() if "lora" in name}

@@ -323,3 +323,32 @@ def test_the_digits_example_runs_its_documented_command_at_toy_length(tmp_path):
     assert {"base", "tuned", "best_of_k", "history", "table", "train_seconds"} <= set(report)
     assert [entry["step"] for entry in report["history"]] == [1, 2]
     assert (out / LORA_WEIGHT_NAME).is_file() and "| DrPO |" in (out / "digits_report.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_offline_digits_recipe_runs_its_documented_commands_at_toy_length(tmp_path):
+    yaml_path = os.path.join(EXAMPLES, "configs", "digits_offline.yaml")
+    documented = [line.strip("# ").strip() for line in open(yaml_path, encoding="utf-8") if line.startswith("#   ")]
+    assert documented == [
+        "python -m trl_drpo.worlds.digits.preferences --output_dir digits-preferences",
+        "trl-drpo train --config examples/configs/digits_offline.yaml",
+        "python -m trl_drpo.worlds.digits.evaluation --lora drpo-digits-offline",
+    ]
+    data, out = tmp_path / "digits-preferences", tmp_path / "drpo-digits-offline"
+    # The documented commands, cut to a few pairs, two updates and a small evaluation, writing under tmp_path.
+    commands = [
+        [sys.executable, "-m", "trl_drpo.worlds.digits.preferences", "--output_dir", str(data)]
+        + ["--per_category", "1", "--candidates", "4"],
+        [os.path.join(os.path.dirname(sys.executable), "trl-drpo"), "train", "--config", yaml_path]
+        + ["--dataset_name", str(data / "train.parquet"), "--output_dir", str(out), "--max_steps", "2"],
+        [sys.executable, "-m", "trl_drpo.worlds.digits.evaluation", "--lora", str(out), "--per_category", "2"]
+        + ["--output_file", str(tmp_path / "eval.json")],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for cmd in commands:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / LORA_WEIGHT_NAME).is_file()
+    tables = json.loads((tmp_path / "eval.json").read_text())
+    assert set(tables) == {"base", "tuned"}
+    assert {"verifier", "judge"} <= set(tables["tuned"]) and "overall" in tables["tuned"]["verifier"]

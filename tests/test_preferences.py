@@ -15,7 +15,7 @@ from trl_drpo.hub import LORA_WEIGHT_NAME
 from trl_drpo.preferences import PREFERENCE_ID_COLUMN, load_preference_dataset
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline
 
-from kit import mean_brightness, tiny_drpo_config
+from kit import lora_state, mean_brightness, tiny_drpo_config
 
 
 FEATURES = Features({"prompt": Value("string"), "chosen": ImageFeature(), "rejected": ImageFeature()})
@@ -135,3 +135,20 @@ def test_an_offline_run_saves_a_loadable_adapter_and_refuses_to_evaluate(tmp_pat
     pipe.load_lora_weights(str(tmp_path), weight_name=LORA_WEIGHT_NAME)
     with pytest.raises(ValueError, match="offline"):
         trainer.evaluate()
+
+
+def test_a_resumed_offline_run_equals_an_uninterrupted_one(tmp_path):
+    def run(output_dir, max_steps, resume=None):
+        config = tiny_drpo_config(output_dir, max_steps=4, save_strategy="steps", save_steps=2)
+        trainer = DrPOTrainer(tiny_sd_pipeline(), None, config, train_dataset=pil_dataset(4))
+        trainer.args.max_steps = max_steps
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4, resume=str(tmp_path / "b" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    expected, actual = lora_state(straight), lora_state(resumed)
+    for name in expected:  # tolerance: float32 round-off only
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)

@@ -17,7 +17,7 @@ from trl_drpo.hub import LORA_WEIGHT_NAME
 from trl_drpo.rewards import JpegCompressibility
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-from kit import mean_brightness, tiny_drpo_config, with_kit_on_path
+from kit import lora_state, mean_brightness, tiny_drpo_config, with_kit_on_path
 
 
 PROMPTS = ["a red apple", "a blue car", "a green tree", "a yellow bird"]
@@ -25,10 +25,6 @@ PROMPTS = ["a red apple", "a blue car", "a green tree", "a yellow bird"]
 
 def small_config(tmp_path, **overrides):
     return tiny_drpo_config(tmp_path / "out", **overrides)
-
-
-def lora_state(trainer) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in trainer.generator.denoiser.named_parameters() if "lora" in name}
 
 
 def test_the_initial_adapter_depends_on_the_seed_and_not_on_the_global_random_state(tmp_path):
