@@ -95,12 +95,12 @@ def load_tiny_vae(source: str, generator: OneStepGenerator) -> torch.nn.Module:
             f"ranking_vae {source!r} upsamples latents {scale}x; the pipeline's VAE {generator.vae_scale_factor}x. "
             f"{RANKING_VAE_FIX}"
         )
+    param = next(generator.vae.parameters())
     try:
-        vae = AutoencoderTiny.from_pretrained(source)
+        vae = AutoencoderTiny.from_pretrained(source, dtype=param.dtype)
     except Exception as err:
         raise ValueError(f"ranking_vae {source!r} could not be loaded ({err}). {RANKING_VAE_FIX}") from err
-    param = next(generator.vae.parameters())
-    return vae.to(device=param.device, dtype=param.dtype).eval().requires_grad_(False)
+    return vae.to(param.device).eval().requires_grad_(False)
 
 
 def resize_for_ranking(images: Tensor, resolution: int | None) -> Tensor:
