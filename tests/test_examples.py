@@ -47,6 +47,13 @@ def test_yaml_config_reproduces_the_paper_preset(preset, tmp_path):
     assert config.dataset_name and config.eval_prompts
 
 
+def test_fast_yaml_config_reproduces_the_fast_preset(tmp_path):
+    yaml_path = os.path.join(EXAMPLES, "configs", "sd_turbo_fast.yaml")
+    _, config = parse("sd_turbo_paper", "--config", yaml_path, "--output_dir", str(tmp_path))
+    for name, value in PRESETS["fast"].items():
+        assert getattr(config, name) == value, name
+
+
 @pytest.mark.parametrize("preset", sorted(SCRIPTS))
 def test_example_defaults_to_the_paper_preset_without_a_config(preset, tmp_path):
     _, config = parse(preset, "--output_dir", str(tmp_path))
