@@ -24,6 +24,7 @@ to ``benchmarks/digits_taesd/`` (safetensors); the measurement loads it with `ra
 
     python -m benchmarks.rank_agreement --distil   # ~8 min on 2 CPU cores, then the measurement
     python -m benchmarks.rank_agreement            # the measurement (~1 min); writes results/rank_agreement.json
+    python -m benchmarks.rank_agreement --end_effect  # ... and DrPO trained with either ranking (~5 min)
 """
 
 from __future__ import annotations
@@ -267,6 +268,56 @@ def measure(per_category: int = 16, tiny_dir: str = TINY_DECODER_DIR, seed: int 
     }
 
 
+END_EFFECT_RECIPE = {  # the recipe that moves fixed captions (benchmarks/README.md, "Overfitting a few captions")
+    "per_device_train_batch_size": 1,
+    "learning_rate": 3e-3,
+    "reference_loss_weight": 0.0,
+    "mask_anchor_copies": True,
+    "feature_map_kwargs": {"spatial_tokens": False, "pool_size": 1},
+}
+
+
+def end_effect(
+    steps: int = 150, seeds: Sequence[int] = (0, 1, 2, 3), tiny_dir: str = TINY_DECODER_DIR
+) -> dict[str, Any]:
+    """What DrPO learns with the full vs the tiny-decoder ranking: the verifier's pass rate on four train `position`
+    captions (32 fixed seeds each) after `steps` updates of the recipe above, one run per training seed."""
+    import tempfile
+
+    from trl_drpo import DrPOConfig, DrPOTrainer
+    from trl_drpo.worlds.digits.evaluation import generate
+
+    captions = [item["prompt"] for item in digits.prompts("train", "position")][::7][:4]
+    repeated, noise_seeds = [c for c in captions for _ in range(32)], [20_000 + j for _ in captions for j in range(32)]
+
+    def pass_rate(pipe: Any) -> float:
+        results = digits.verify(generate(pipe, repeated, noise_seeds), repeated)
+        return round(100.0 * sum(r["passed"] for r in results) / len(results), 1)
+
+    out: dict[str, Any] = {"captions": captions, "steps": steps, "base": pass_rate(digits.load_pipeline())}
+    for name, ranking_vae in (("full", None), ("tiny decoder", tiny_dir)):
+        runs = []
+        for seed in seeds:
+            pipe = digits.load_pipeline()
+            with tempfile.TemporaryDirectory() as output_dir:
+                config = DrPOConfig.from_preset(
+                    "digits",
+                    output_dir=output_dir,
+                    max_steps=steps,
+                    logging_steps=steps,
+                    report_to="none",
+                    disable_tqdm=True,
+                    seed=seed,
+                    ranking_vae=ranking_vae,
+                    **END_EFFECT_RECIPE,
+                )
+                tick = time.perf_counter()
+                DrPOTrainer(pipe, digits.reward_fn("score"), config, train_dataset=captions).train()
+                runs.append({"seed": seed, "pass_rate": pass_rate(pipe), "seconds": round(time.perf_counter() - tick)})
+        out[name] = runs
+    return out
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The table recorded in benchmarks/README.md."""
     lines = [
@@ -291,15 +342,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--distil", action="store_true", help="distil the tiny decoder first (into benchmarks/)")
     parser.add_argument("--distil_seconds", type=float, default=420.0)
     parser.add_argument("--per_category", type=int, default=16, help="held-out captions per category")
+    parser.add_argument("--end_effect", action="store_true", help="also train DrPO with the full and the tiny ranking")
     args = parser.parse_args(argv)
     start = time.time()
     distillation = None
     if args.distil:
         distillation = distil_tiny_decoder(OneStepGenerator.from_pipeline(digits.load_pipeline()), args.distil_seconds)
-    elif os.path.isfile(RESULTS):
+    previous = {}
+    if os.path.isfile(RESULTS):
         with open(RESULTS, encoding="utf-8") as handle:
-            distillation = json.load(handle).get("distillation")
+            previous = json.load(handle)
+    distillation = distillation or previous.get("distillation")
     results = measure(args.per_category)
+    results["end_effect"] = end_effect() if args.end_effect else previous.get("end_effect")
     report = {
         "machine": machine_info(),
         "seconds": round(time.time() - start, 1),
@@ -311,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with open(RESULTS, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=1)
     print(render_markdown(results))
+    if results["end_effect"]:
+        print(json.dumps(results["end_effect"]))
 
 
 if __name__ == "__main__":

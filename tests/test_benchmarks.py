@@ -281,3 +281,15 @@ def test_rank_agreement_is_total_for_the_same_scores_and_tau_b_matches_scipy():
     same = agreement(full, full, "topk")
     assert same["anchor_agreement"] == same["kendall_tau"] == 1.0
     assert agreement(full, -full, "topk")["kendall_tau"] == -1.0
+
+
+def test_rank_agreement_compares_every_cheap_ranking_with_the_full_one_on_the_digit_world():
+    from benchmarks import rank_agreement
+
+    results = rank_agreement.measure(per_category=1)
+    rows = {row["variant"]: row for row in results["rows"]}
+    assert results["prompts"] == 6 and len(rows) == 6
+    full = rows["full (pipeline VAE, 32 px)"]
+    assert full["topk"]["anchor_agreement"] == 1.0 and full["decode_cost_vs_full"] == 1.0
+    assert rows["tiny decoder, 32 px"]["decode_cost_vs_full"] < 0.2  # the shipped distilled decoder
+    assert all(-1.0 <= row["topk"]["kendall_tau"] <= 1.0 for row in rows.values())
