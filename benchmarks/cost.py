@@ -17,6 +17,12 @@ Methods compared (the `METHODS` table):
   candidates (and their features) with gradient.
 - `drpo-paper`: the paper's HPSv3 profile: latent-MAE ResNet features (random weights, the published architecture),
   reference term off, 12/12 anchors, one graph.
+- `drpo-tinyvae`: `drpo` with the candidates decoded for the reward by a TAESD-sized `AutoencoderTiny`
+  (`ranking_vae`; random weights, TAESD's architecture).
+- `drpo-224`: `drpo` with the reward reading 224 px images (`ranking_resolution=224`): the HPSv3-sized tower then
+  reads a 224 px image (a quarter of the image tokens); the CLIP tower resizes to 224 anyway.
+- `drpo-fast`: the "fast" preset: latent-MAE features, reference term off, 8/8 anchors, tiny decoder and 224 px
+  ranking.
 - `draft`: minimal reward back-propagation: loss = -reward through reward model, VAE decoder and UNet.
 - `draft-paper`: the paper's profiled DRaFT: also a frozen-reference forward (weight 0) and gradient checkpointing in
   the reward model (one extra reward forward in backward).
@@ -35,6 +41,7 @@ import torch
 from trl_drpo.drift import DriftHyperparams
 from trl_drpo.features import LatentMAEResNet, build_feature_map
 from trl_drpo.generators import OneStepGenerator
+from trl_drpo.ranking_decoder import RankingDecoder
 from trl_drpo.step import StepSettings, micro_step
 
 from .common import (
@@ -50,7 +57,7 @@ from .common import (
     torch_threads,
 )
 from .draft_baseline import DraftStepConfig, draft_step
-from .models import PIPELINES, REWARDS, build_context, build_pipeline
+from .models import PIPELINES, REWARDS, build_context, build_pipeline, tiny_autoencoder
 from .reward_models import RewardTower, build_reward
 
 
@@ -77,6 +84,31 @@ METHODS: dict[str, dict[str, Any]] = {
         "reference_loss_weight": 0.0,
         "anchors": 12,
         "chunk": None,
+    },
+    "drpo-tinyvae": {
+        "family": "drpo",
+        "feature_map": "denoiser",
+        "reference_loss_weight": 0.2,
+        "anchors": 8,
+        "chunk": None,
+        "ranking_vae": True,
+    },
+    "drpo-224": {
+        "family": "drpo",
+        "feature_map": "denoiser",
+        "reference_loss_weight": 0.2,
+        "anchors": 8,
+        "chunk": None,
+        "ranking_resolution": 224,
+    },
+    "drpo-fast": {
+        "family": "drpo",
+        "feature_map": "latent_mae",
+        "reference_loss_weight": 0.0,
+        "anchors": 8,
+        "chunk": None,
+        "ranking_vae": True,
+        "ranking_resolution": 224,
     },
     "draft": {"family": "draft", "reference_forward": False, "reward_checkpointing": False},
     "draft-paper": {"family": "draft", "reference_forward": True, "reward_checkpointing": True},
@@ -107,6 +139,25 @@ def build_features(method: str, generator: OneStepGenerator, tiny: bool = False)
             model = LatentMAEResNet(in_channels=generator.latent_channels, widths=widths, layers=layers)
         return build_feature_map("latent_mae", generator, model=model)
     return build_feature_map(name, generator)
+
+
+def ranking_resolution(method: str, generator: OneStepGenerator) -> int | None:
+    """The side the reward reads the candidates at under `method` (None: full size); half the image for tiny
+    pipelines, whose images are smaller than 224 px."""
+    resolution = METHODS[method].get("ranking_resolution")
+    if resolution is None or generator.resolution > resolution:
+        return resolution
+    return generator.resolution // 2
+
+
+def build_ranking_decoder(method: str, generator: OneStepGenerator, tiny: bool = False) -> RankingDecoder | None:
+    """What `method` decodes candidates for the reward with: a `RankingDecoder` (a TAESD-sized tiny VAE and / or a
+    smaller image, as `DrPOConfig.ranking_vae` / `ranking_resolution` build it), or None for the full decode."""
+    spec = METHODS[method]
+    if not (spec.get("ranking_vae") or spec.get("ranking_resolution")):
+        return None
+    vae = tiny_autoencoder(generator.device, generator.dtype, tiny=tiny) if spec.get("ranking_vae") else None
+    return RankingDecoder(generator, vae, ranking_resolution(method, generator))
 
 
 def drpo_config(method: str, k: int = NUM_GENERATIONS, chunk: int | None = None, **kw: Any) -> StepSettings:
@@ -141,14 +192,16 @@ def run_method(
     chunk: int | None = None,
     accumulation_steps: int = 1,
     seed: int = 0,
+    decoder: RankingDecoder | None = None,
 ) -> torch.Tensor:
-    """One micro-step of `method` (one prompt, `k` candidates) under `meter`."""
+    """One micro-step of `method` (one prompt, `k` candidates) under `meter`; DrPO decodes for the reward with
+    `decoder` (`build_ranking_decoder`; None: the full decode)."""
     noise = torch.Generator().manual_seed(seed)
     if METHODS[method]["family"] == "drpo":
         settings = drpo_config(method, k, chunk)
         scorer, hooks = benchmark_step(reward.ranking_fn(), meter)
         args = (generator, generator.denoiser, features, scorer, [PROMPT], settings, hooks, noise)
-        return micro_step(*args, accumulation_steps=accumulation_steps)[0]
+        return micro_step(*args, accumulation_steps=accumulation_steps, decoder=decoder)[0]
     config = draft_config(method, k, chunk, accumulation_steps=accumulation_steps)
     return draft_step(generator, reward, [PROMPT], config, meter, noise)
 
@@ -211,8 +264,9 @@ def micro_step_flops(
     reward = _prepare_reward(method, reward)
     drpo = METHODS[method]["family"] == "drpo"
     features = build_features(method, generator, tiny=tiny) if drpo else None
+    decoder = build_ranking_decoder(method, generator, tiny=tiny) if drpo else None
     meter = Meter(count_flops=True)
-    run_method(method, generator, reward, features, meter, k=k, chunk=method_chunk(method, k))
+    run_method(method, generator, reward, features, meter, k=k, chunk=method_chunk(method, k), decoder=decoder)
     split = backward_split(method, generator, reward, features)
     detail = {name: int(value) for name, value in sorted(meter.flops.items())}
     return {"components": meter.flop_totals(), "detail": detail, "backward_per_image": split}
@@ -220,10 +274,11 @@ def micro_step_flops(
 
 DEFAULT_FLOP_GRID: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sd-turbo", tuple(METHODS)),
-    ("sdxl-turbo", ("drpo", "draft")),
+    ("sdxl-turbo", ("drpo", "drpo-tinyvae", "drpo-224", "drpo-fast", "draft", "draft-paper")),
 )
-"""(pipeline, methods) counted by default: every variant on SD-Turbo (the paper's profiled pipeline), the two main
-methods on SDXL-Turbo (keeps `run_all` within a few minutes on two CPU cores)."""
+"""(pipeline, methods) counted by default: every variant on SD-Turbo (the paper's profiled pipeline); on SDXL-Turbo the
+trainer's defaults, the ranking-for-less variants and both DRaFTs (the chunked and paper DrPO rows add nothing new
+there, and leaving them out keeps `run_all` within a few minutes on two CPU cores)."""
 
 
 def update_flops(
@@ -239,10 +294,13 @@ def update_flops(
     for pipeline, methods in grid:
         generator = build_generator(pipeline, "meta", torch.float32, tiny=tiny)
         for reward_name in rewards:
-            reward = build_reward(reward_name, "meta", tiny=tiny)
+            towers = {None: build_reward(reward_name, "meta", tiny=tiny)}
             for method in methods:
+                size = ranking_resolution(method, generator)
+                if size not in towers:  # the reward reading the ranking's smaller image
+                    towers[size] = build_reward(reward_name, "meta", tiny=tiny, image_size=size)
                 with fused_attention_on_meta():
-                    micro = micro_step_flops(generator, reward, method, tiny=tiny)
+                    micro = micro_step_flops(generator, towers[size], method, tiny=tiny)
                 per_update = {name: value * MICRO_STEPS_PER_UPDATE for name, value in micro["components"].items()}
                 per_update["total"] = sum(per_update[name] for name in COMPONENTS)
                 split = {name: value * IMAGES_PER_UPDATE for name, value in micro["backward_per_image"].items()}
@@ -260,7 +318,7 @@ def update_flops(
                         "micro_step_detail": micro["detail"],
                     }
                 )
-            del reward
+            del towers
             gc.collect()
     _add_ratios(rows)
     return {

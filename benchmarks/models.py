@@ -205,6 +205,24 @@ def sdxl_turbo_pipeline(device: torch.device | str = "meta", dtype: torch.dtype 
     return pipe
 
 
+def tiny_autoencoder(device: torch.device | str = "meta", dtype: torch.dtype = torch.float32, tiny: bool = False):
+    """An `AutoencoderTiny` with TAESD's architecture (TAESDXL's is the same; 64 channels, 3/3/3/1 decoder blocks,
+    8x upsampling), random weights, as `DrPOConfig.ranking_vae` loads it; the tiny twin decodes the tiny pipelines'
+    latents (4x)."""
+    from diffusers import AutoencoderTiny
+
+    kwargs = {}
+    if tiny:
+        kwargs = {
+            "encoder_block_out_channels": (8, 8, 8),
+            "decoder_block_out_channels": (8, 8, 8),
+            "num_encoder_blocks": (1, 1, 1),
+            "num_decoder_blocks": (1, 1, 1),
+        }
+    with build_context(device, dtype):
+        return AutoencoderTiny(**kwargs).eval().requires_grad_(False)
+
+
 def build_pipeline(name: str, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32, tiny=False):
     """`sd_turbo_pipeline` or `sdxl_turbo_pipeline` by name ("sd-turbo" / "sdxl-turbo")."""
     builders = {"sd-turbo": sd_turbo_pipeline, "sdxl-turbo": sdxl_turbo_pipeline}

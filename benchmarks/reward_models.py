@@ -10,6 +10,7 @@ preprocessing and embedding helpers, so its forward is the one `trl_drpo.rewards
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -257,11 +258,23 @@ class VLMRewardTower(RewardTower):
 
 
 def build_reward(
-    name: str, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32, tiny: bool = False
+    name: str,
+    device: torch.device | str = "meta",
+    dtype: torch.dtype = torch.float32,
+    tiny: bool = False,
+    image_size: int | None = None,
 ) -> RewardTower:
-    """`"pickscore"` (CLIP ViT-H/14, also HPSv2's size) or `"hpsv3"` (Qwen2-VL-7B), real-size or tiny."""
+    """`"pickscore"` (CLIP ViT-H/14, also HPSv2's size) or `"hpsv3"` (Qwen2-VL-7B), real-size or tiny.
+
+    `image_size` is the side of the images the HPSv3 tower reads (default: its 448 px cap); HPSv3 takes images at
+    their own size up to that cap, so a ranking made at 224 px costs it a quarter of the image tokens. CLIP towers
+    always resize to their 224 px input, so for them it changes nothing.
+    """
     if name == "pickscore":
         return CLIPRewardTower(clip_vit_h14(device, dtype, tiny=tiny))
     if name == "hpsv3":
-        return VLMRewardTower(qwen2_vl_7b(device, dtype, tiny=tiny), TINY_VLM if tiny else REAL_VLM)
+        spec = TINY_VLM if tiny else REAL_VLM
+        if image_size is not None and not tiny:
+            spec = dataclasses.replace(spec, image_size=image_size)
+        return VLMRewardTower(qwen2_vl_7b(device, dtype, tiny=tiny), spec)
     raise ValueError(f"Unknown reward {name!r}; choose 'pickscore' or 'hpsv3'.")

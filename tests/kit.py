@@ -19,6 +19,11 @@ def tiny_drpo_config(output_dir: str, **overrides):
     no accumulation, no checkpoints or reporting. ``overrides`` win."""
     from trl_drpo import DrPOConfig
 
+    return DrPOConfig(**tiny_drpo_values(output_dir, **overrides))
+
+
+def tiny_drpo_values(output_dir: str, **overrides) -> dict:
+    """The values of `tiny_drpo_config`, for `DrPOConfig.from_preset(name, **values)` (a preset's tiny twin)."""
     values = dict(
         output_dir=str(output_dir),
         max_steps=2,
@@ -37,7 +42,7 @@ def tiny_drpo_config(output_dir: str, **overrides):
         disable_tqdm=True,
     )
     values.update(overrides)
-    return DrPOConfig(**values)
+    return values
 
 
 KIT_DIR = str(Path(__file__).resolve().parent)

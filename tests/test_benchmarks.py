@@ -175,6 +175,19 @@ def test_update_flops_rows_are_well_formed():
     json.dumps(out)
 
 
+def test_ranking_for_less_variants_decode_for_the_reward_with_the_tiny_vae_at_a_smaller_size():
+    generator = cost.build_generator("sd-turbo", "meta", torch.float32, tiny=True)
+    assert cost.build_ranking_decoder("drpo", generator, tiny=True) is None
+    tinyvae, fast = (cost.build_ranking_decoder(m, generator, tiny=True) for m in ("drpo-tinyvae", "drpo-fast"))
+    assert tinyvae.vae is not None and tinyvae.resolution is None
+    assert fast.vae is not None and fast.resolution == 16  # half the tiny pipeline's 32 px (224 px at real size)
+    grid = (("sd-turbo", ("drpo", "drpo-tinyvae", "drpo-fast")),)
+    out = cost.update_flops(grid=grid, rewards=("pickscore",), tiny=True)
+    rows = {row["method"]: row["flops_per_update"] for row in out["rows"]}
+    assert rows["drpo-tinyvae"]["decode"] < rows["drpo"]["decode"]
+    assert rows["drpo-fast"]["generation"] < rows["drpo"]["generation"]  # no reference rollout
+
+
 def test_cpu_tiny_rows_are_well_formed():
     out = cost.cpu_tiny(rewards=("pickscore",), methods=("drpo", "draft"), k=4, chunks=(None, 2), repeats=1)
     assert len(out["rows"]) == 4
@@ -253,3 +266,30 @@ def test_digits_gradient_probe_reports_finite_statistics(tmp_path, monkeypatch):
     assert set(result["mean"]) == keys
     assert all(-1.0 <= value <= 1.0 for key, value in result["mean"].items() if key.startswith(("cos", "signal_c")))
     assert len(result["per_caption"]) == 2
+
+
+def test_rank_agreement_is_total_for_the_same_scores_and_tau_b_matches_scipy():
+    from scipy.stats import kendalltau
+
+    from benchmarks.rank_agreement import agreement, kendall_tau_b
+
+    generator = torch.Generator().manual_seed(0)
+    full = torch.randint(0, 4, (6, 16), generator=generator).float()  # ties, as the digit verifier's scores have
+    cheap = full + torch.randint(0, 2, (6, 16), generator=generator).float()
+    for a, b in zip(full.tolist(), cheap.tolist()):
+        assert abs(kendall_tau_b(a, b) - kendalltau(a, b).statistic) < 1e-9
+    same = agreement(full, full, "topk")
+    assert same["anchor_agreement"] == same["kendall_tau"] == 1.0
+    assert agreement(full, -full, "topk")["kendall_tau"] == -1.0
+
+
+def test_rank_agreement_compares_every_cheap_ranking_with_the_full_one_on_the_digit_world():
+    from benchmarks import rank_agreement
+
+    results = rank_agreement.measure(per_category=1)
+    rows = {row["variant"]: row for row in results["rows"]}
+    assert results["prompts"] == 6 and len(rows) == 6
+    full = rows["full (pipeline VAE, 32 px)"]
+    assert full["topk"]["anchor_agreement"] == 1.0 and full["decode_cost_vs_full"] == 1.0
+    assert rows["tiny decoder, 32 px"]["decode_cost_vs_full"] < 0.2  # the shipped distilled decoder
+    assert all(-1.0 <= row["topk"]["kendall_tau"] <= 1.0 for row in rows.values())

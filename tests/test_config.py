@@ -57,6 +57,16 @@ def test_latent_mae_without_its_checkpoint_says_where_to_get_it(tmp_path):
     DrPOConfig(output_dir=str(tmp_path)).check_feature_map()  # the default denoiser features need no weights
 
 
+def test_fast_preset_ranks_with_a_tiny_decoder_at_224_px_on_latent_mae_features_without_reference(tmp_path):
+    config = DrPOConfig.from_preset("fast", output_dir=str(tmp_path), fp16=False)
+    assert (config.ranking_vae, config.ranking_resolution) == ("madebyollin/taesd", 224)
+    assert config.feature_map == "latent_mae" and config.reference_loss_weight == 0.0
+    paper = DrPOConfig.from_preset("sd_turbo_paper", output_dir=str(tmp_path), fp16=False)
+    assert (config.num_generations, config.learning_rate) == (paper.num_generations, paper.learning_rate)
+    with pytest.raises(ValueError, match="mae_latent_256_torch.pth.*ModelScope"):
+        config.check_feature_map()
+
+
 def test_preset_overrides_win(tmp_path):
     config = DrPOConfig.from_preset("sd_turbo_paper", output_dir=str(tmp_path), fp16=False, num_generations=32)
     assert config.num_generations == 32 and not config.fp16
@@ -89,6 +99,8 @@ def test_every_preset_builds(tmp_path):
         (dict(resolution=500), "resolution must be a positive multiple of 8"),
         (dict(reward_weights=[1.0, -1.0]), "reward_weights must be finite and non-negative"),
         (dict(lora_rank=0), "lora_rank must be >= 1"),
+        (dict(ranking_resolution=0), "ranking_resolution must be None \\(full size\\) or a positive pixel side"),
+        (dict(ranking_vae=""), "ranking_vae must be None or a non-empty path or Hub id"),
     ],
 )
 def test_bad_values_are_rejected_with_a_message_naming_the_field(tmp_path, kwargs, message):

@@ -84,6 +84,13 @@ def test_the_flux_and_sana_sprint_recipes_are_the_sdxl_turbo_one_with_what_their
     assert PRESETS["sana_sprint"]["resolution"] == 1024 and PRESETS["flux_schnell"]["resolution"] == 512
 
 
+def test_fast_yaml_config_reproduces_the_fast_preset(tmp_path):
+    yaml_path = os.path.join(EXAMPLES, "configs", "sd_turbo_fast.yaml")
+    _, config = parse("sd_turbo_paper", "--config", yaml_path, "--output_dir", str(tmp_path))
+    for name, value in PRESETS["fast"].items():
+        assert getattr(config, name) == value, name
+
+
 @pytest.mark.parametrize("preset", sorted(SCRIPTS))
 def test_example_defaults_to_its_preset_and_model_without_a_config(preset, tmp_path):
     script_args, config = parse(preset, "--output_dir", str(tmp_path))

@@ -53,6 +53,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "resolution": 512,
         "bf16": True,
     },
+    # The paper's SD-Turbo recipe ranked for less (benchmarks/README.md, "Ranking for less"): a TAESD decode
+    # (`AutoencoderTiny`, about 1/18 of the SD VAE's FLOPs) at 224 px for the rewards, the latent-MAE features, and no
+    # reference term, so that no reference rollout or reference features run at all. What it trades: rankings made on
+    # a cheaper image (they can disagree with full-size ones where the reward looks at fine detail), and no reference
+    # term to hold the generator near its base. The latent-MAE checkpoint is the user's to give, as in
+    # "sd_turbo_paper". For another pipeline family, override ranking_vae (madebyollin/taesdxl for SDXL-Turbo) and
+    # the features.
+    "fast": {
+        "num_generations": 24,
+        "num_positives": 8,
+        "num_negatives": 8,
+        "learning_rate": 1e-4,
+        "max_steps": 1000,
+        "gradient_accumulation_steps": 8,
+        "feature_map": "latent_mae",
+        "feature_aggregation": "sum",
+        "reference_loss_weight": 0.0,
+        "ranking_vae": "madebyollin/taesd",
+        "ranking_resolution": 224,
+        "resolution": 512,
+        "fp16": True,
+    },
     # The digit world (trl_drpo.worlds.digits) on a CPU: 4 prompts x 16 candidates per update, 4/4 anchors (the
     # paper's third of K) and the paper's anchor weights. Measured on this world (benchmarks/README.md): one token per
     # latent position (pool_size 1) moved a single caption where pooled features did not, and lr 1e-3 with a reference
@@ -107,7 +129,12 @@ class DrPOConfig(TrainingArguments):
     Configuration class for [`DrPOTrainer`].
 
     Defaults follow the paper's SD-Turbo recipe (Drifting Preference Optimization, arXiv 2606.02521;
-    docs/method.md, section 6); `DrPOConfig.from_preset("sdxl_turbo_paper", ...)` gives the SDXL-Turbo one. Only the
+    docs/method.md, section 6); `DrPOConfig.from_preset("sdxl_turbo_paper", ...)` gives the SDXL-Turbo one.
+    `DrPOConfig.from_preset("fast", feature_map_kwargs={"model_name_or_path": ...})` is the SD-Turbo recipe ranked
+    for less: candidates decoded for the rewards by TAESD (`ranking_vae="madebyollin/taesd"`) at
+    `ranking_resolution=224`, the latent-MAE features (its checkpoint is yours to give) and `reference_loss_weight=0`
+    (no reference rollout or features). It trades ranking fidelity (rankings of a cheaper image) and the reference
+    term's pull towards the base for FLOPs (benchmarks/README.md). Only the
     parameters specific to DrPO are listed here; see [`~transformers.TrainingArguments`] for the others. A step of
     training is one optimizer update over `per_device_train_batch_size * gradient_accumulation_steps` prompts per
     process, each with `num_generations` candidates.
@@ -156,6 +183,18 @@ class DrPOConfig(TrainingArguments):
         reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             Weights of the reward functions, normalised to sum to one after each reward is z-scored within its
             prompt's group. `None` weighs them equally.
+        ranking_vae (`str` or `None`, *optional*, defaults to `None`):
+            Decoder of the candidates the rewards rank: `None` uses the pipeline's own VAE; else a local folder or Hub
+            id of a diffusers `AutoencoderTiny` made for the pipeline's VAE (`madebyollin/taesd` for SD-Turbo,
+            `madebyollin/taesdxl` for SDXL-Turbo), loaded with `from_pretrained`. It decodes for ranking only:
+            evaluation, logged images, sample grids and the model card always use the pipeline's full decode. A
+            TAESD decode costs about 1/18 of the SD VAE's; rankings can change where the tiny decoder misses detail
+            the reward looks at (measure with `benchmarks/rank_agreement.py`).
+        ranking_resolution (`int` or `None`, *optional*, defaults to `None`):
+            Side, in pixels, to which the candidates are resized (bilinear, antialiased) before the rewards score
+            them. `None` scores them at full size. Rewards that resize to 224 px themselves (CLIP, PickScore,
+            HPSv2) see nearly the same image at 224; rewards that take the image at its own size (HPSv3: Qwen2-VL,
+            up to 448 px) cost less, and those that look at fine detail may rank differently.
 
         > Parameters that control the drift field
 
@@ -285,6 +324,17 @@ class DrPOConfig(TrainingArguments):
     anchor_selection: str = field(default="topk", metadata={"help": "Anchor rule.", "choices": list(SELECTION_RULES)})
     selection_threshold: float = field(default=0.5, metadata={"help": "Pass mark of the 'threshold' rule."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
+    ranking_vae: str | None = field(
+        default=None,
+        metadata={
+            "help": "AutoencoderTiny (local folder or Hub id) decoding candidates for the rewards only; None = the "
+            "pipeline's VAE."
+        },
+    )
+    ranking_resolution: int | None = field(
+        default=None,
+        metadata={"help": "Pixel side candidates are resized to (antialiased) before the rewards; None = full size."},
+    )
 
     positive_weight: float = field(default=3000.0, metadata={"help": "Kernel weight of positive anchors (eta)."})
     negative_weight: float = field(default=3000.0, metadata={"help": "Kernel weight of negative anchors."})
@@ -381,6 +431,15 @@ class DrPOConfig(TrainingArguments):
             fail(f"reward_weights must be finite and non-negative, got {self.reward_weights}.")
         if self.lora_rank < 1:
             fail(f"lora_rank must be >= 1, got {self.lora_rank}.")
+        if self.ranking_resolution is not None and self.ranking_resolution < 1:
+            fail(
+                f"ranking_resolution must be None (full size) or a positive pixel side such as 224, got "
+                f"{self.ranking_resolution}."
+            )
+        if self.ranking_vae is not None:
+            from .ranking_decoder import check_ranking_vae_source
+
+            check_ranking_vae_source(self.ranking_vae)
         if self.per_device_train_batch_size < 1:
             fail("per_device_train_batch_size (prompts per micro-batch) must be >= 1.")
         for name in ("feature_map_kwargs", "pipeline_call_kwargs"):
@@ -448,10 +507,11 @@ class DrPOConfig(TrainingArguments):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DrPOConfig:
-        """A config reproducing one of the paper's recipes (`"sd_turbo_paper"`, `"sdxl_turbo_paper"`), our recipes
-        for FLUX.1-schnell and SANA-Sprint (`"flux_schnell"`, `"sana_sprint"`, derived from the SDXL-Turbo one) or
-        the digit world's (`"digits"`, see `trl_drpo.worlds.digits`), with `overrides` applied on top (e.g.
-        `output_dir`, or `fp16=False` on a CPU)."""
+        """A config reproducing one of the paper's recipes (`"sd_turbo_paper"`, `"sdxl_turbo_paper"`), the SD-Turbo
+        recipe ranked for less (`"fast"`: a tiny decoder at 224 px for the rewards, latent-MAE features, no reference
+        term; see the class docstring), our recipes for FLUX.1-schnell and SANA-Sprint (`"flux_schnell"`,
+        `"sana_sprint"`, derived from the SDXL-Turbo one) or the digit world's (`"digits"`, see
+        `trl_drpo.worlds.digits`), with `overrides` applied on top (e.g. `output_dir`, or `fp16=False` on a CPU)."""
         if name not in PRESETS:
             raise ValueError(f"Unknown DrPO preset {name!r}; choose one of {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})

@@ -41,6 +41,7 @@ from .preferences import (
     load_preference_dataset,
 )
 from .prompts import PromptCollator, load_prompt_dataset
+from .ranking_decoder import RankingDecoder
 from .reporting import ReportingCallbackHandler, log_candidates
 from .scoring import RewardFunctions
 from .step import TIMING_PHASES, StepHooks, micro_step
@@ -222,6 +223,11 @@ class DrPOTrainer(Trainer):
             args.feature_map, self.generator, keys=args.feature_keys, **(args.feature_map_kwargs or {})
         )
         self.feature_map.to(self.accelerator.device)
+        # What the rewards rank: the pipeline's VAE, or a tiny one (checked against the pipeline's VAE now), at full
+        # size or resized. Evaluation, logged images and samples always use the full decode.
+        self.ranking_decoder = RankingDecoder.from_config(
+            self.generator, None if self.offline else args.ranking_vae, args.ranking_resolution
+        )
         self.step_settings = args.step_settings
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._micro_step = [-1, 0]
@@ -335,6 +341,7 @@ class DrPOTrainer(Trainer):
             selection_generator=self._noise_generator(),
             accumulation_steps=accumulation,
             preference_latents=self._preference_latents(columns) if self.offline else None,
+            decoder=self.ranking_decoder,
         )
         timings["step"] = time.perf_counter() - start
 
@@ -344,6 +351,8 @@ class DrPOTrainer(Trainer):
         if logs_images and self._images_logged_step != step and self.is_world_process_zero():
             self._images_logged_step = step
             candidates, scores, names = rollout.images[:k], rollout.scores[:, :k], self.reward_funcs.names
+            if not self.ranking_decoder.is_full:  # logged images are the pipeline's own, not what the rewards saw
+                candidates = self.generator.decode(rollout.latents[:k].detach(), chunk_size=args.decode_chunk_size)
             log_candidates(
                 self.callback_handler.callbacks, args.report_to, candidates, scores, names, prompts[0], step
             )

@@ -323,6 +323,8 @@ _CARD_HYPERPARAMETERS = (
     "num_positives",
     "num_negatives",
     "anchor_selection",
+    "ranking_vae",
+    "ranking_resolution",
     "kernel",
     "preference_radii",
     "reference_radii",

@@ -26,7 +26,12 @@ from .drift import DriftHyperparams, DrPOTargets, drpo_targets_from_anchors, drp
 from .features import FeatureMap
 from .generators import OneStepGenerator, PromptEmbeds, map_rows
 from .ranking import AnchorSelection, select_anchors
+from .ranking_decoder import RankingDecoder
 
+
+Decoder = Callable[[Tensor, int | None], Tensor]
+"""Decodes candidates for the rewards: `(latents (N, C, h, w), chunk size) -> images (N, 3, H, W)` in [0, 1], no
+gradient (`trl_drpo.ranking_decoder.RankingDecoder`; by default the generator's full decode)."""
 
 Scorer = Callable[[Tensor, list[str]], tuple[Tensor, Tensor]]
 """Rewards for ranking: `(images (B*K, 3, H, W) in [0, 1], prompts (B*K)) -> (scores, ranking)`, where `scores` is the
@@ -135,7 +140,8 @@ class Rollout:
         embeds: prompt embeddings repeated K times (B*K rows, prompt-major).
         noise: `(B*K, C, h, w)` noise the candidates were generated from.
         targets: one `DrPOTargets` per prompt (None where skipped).
-        images: `(B*K, 3, H, W)` decoded candidates in [0, 1], float, no gradient.
+        images: `(B*K, 3, H, W)` candidates in [0, 1] as the rewards saw them (the ranking decode), float, no
+            gradient.
         scores: `(num_rewards, B*K)` raw reward scores (CPU float).
         selections: one `AnchorSelection` per prompt, or None where the prompt gives no preference.
         latents: the candidates' latents; with their graph in one-graph mode.
@@ -182,6 +188,7 @@ def rollout(
     noise_generator: torch.Generator | None = None,
     selection_generator: torch.Generator | None = None,
     preference_latents: tuple[Tensor, Tensor] | None = None,
+    decoder: Decoder | None = None,
 ) -> Rollout:
     """Phase (a) of a micro-step, ending with every prompt's drift-field targets (docs/method.md §3-4).
 
@@ -201,6 +208,8 @@ def rollout(
         preference_latents: offline DrPO (docs/method.md §9): `(chosen, rejected)` UNet-space latents of each
             prompt's preferred and rejected images, `(B, P, C, h, w)` and `(B, M, C, h, w)`. Their features are the
             positive and negative anchors; nothing is decoded or scored (`scorer` may be None).
+        decoder: decodes the candidates for the rewards (see `Decoder`): a `RankingDecoder` with a tiny VAE or a
+            smaller size ranks for less; None uses the generator's full decode. Only the rewards see its images.
     """
     hooks = hooks or StepHooks()
     prompts = list(prompts)
@@ -233,7 +242,8 @@ def rollout(
     if preference_latents is None:
         with torch.no_grad():
             with hooks.meter("decode"):
-                images = generator.decode(latents.detach(), chunk_size=settings.decode_chunk_size or rows)
+                decode = decoder or RankingDecoder(generator)
+                images = decode(latents.detach(), settings.decode_chunk_size or rows)
             with hooks.meter("reward"):
                 scores, ranking = scorer(images, [p for p in prompts for _ in range(k)])
                 ranking = hooks.materialize(ranking).view(num_prompts, k)
@@ -354,6 +364,7 @@ def micro_step(
     selection_generator: torch.Generator | None = None,
     accumulation_steps: int = 1,
     preference_latents: tuple[Tensor, Tensor] | None = None,
+    decoder: Decoder | None = None,
 ) -> tuple[Tensor, Rollout]:
     """One DrPO micro-step, both phases: gradients accumulate on the trainable parameters of `denoiser`.
 
@@ -371,6 +382,7 @@ def micro_step(
         noise_generator,
         selection_generator,
         preference_latents,
+        decoder,
     )
     loss = gradient_pass(generator, denoiser, feature_map, result, settings, hooks, accumulation_steps)
     return loss, result
