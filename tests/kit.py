@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 
 def mean_brightness(images, prompts) -> list[float]:
     """A cheap non-differentiable reward for plumbing tests: each PIL image's mean pixel value (0-255)."""
@@ -68,3 +70,16 @@ class UnloadableReward:
 def lora_state(trainer) -> dict:
     """A detached copy of the trainer's LoRA weights, by parameter name."""
     return {name: p.detach().clone() for name, p in trainer.generator.denoiser.named_parameters() if "lora" in name}
+
+
+class CountingWrapper(torch.nn.Module):
+    """A DDP-style wrapper (the model as `.module`) that counts its forward calls."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.module(*args, **kwargs)

@@ -19,6 +19,8 @@ from trl_drpo.generators import (
 )
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
+from kit import CountingWrapper
+
 
 PROMPTS = ["a photo of a cat", "a red bicycle"]
 PIPELINES = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline}
@@ -277,19 +279,9 @@ def test_set_reference_denoiser_serves_references_for_full_fine_tuning(sd_pipe):
 
 
 def test_sample_calls_a_wrapped_denoiser_while_adapters_live_on_the_unwrapped_one(sd_pipe):
-    class Wrapper(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-            self.calls = 0
-
-        def forward(self, *args, **kwargs):
-            self.calls += 1
-            return self.module(*args, **kwargs)
-
     gen = OneStepGenerator.from_pipeline(sd_pipe)
     gen.add_lora(rank=4, alpha=4)
-    gen.denoiser = wrapper = Wrapper(sd_pipe.unet)
+    gen.denoiser = wrapper = CountingWrapper(sd_pipe.unet)
     assert unwrap_module(wrapper) is sd_pipe.unet and gen.unwrapped_denoiser is sd_pipe.unet
     embeds, noise = gen.encode_prompts(PROMPTS), _noise(gen)
     gen.sample(embeds, noise)

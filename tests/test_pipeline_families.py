@@ -19,7 +19,7 @@ from trl_drpo.generators import GENERATORS, OneStepGenerator
 from trl_drpo.generators.call import call_parameters
 from trl_drpo.hub import LORA_WEIGHT_NAME, load_lora_into, save_adapter
 
-from kit import mean_brightness, tiny_drpo_config
+from kit import CountingWrapper, mean_brightness, tiny_drpo_config
 
 
 PROMPTS = ["a photo of a cat", "a red bicycle"]
@@ -257,19 +257,9 @@ def test_a_pipeline_moved_off_the_trainers_device_stops_the_next_step_naming_the
 
 
 def test_a_wrapped_denoiser_is_called_for_the_duration_of_the_call_only():
-    class Wrapper(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-            self.calls = 0
-
-        def forward(self, *args, **kwargs):
-            self.calls += 1
-            return self.module(*args, **kwargs)
-
     pipe, gen = build("flux-schnell")
     transformer = pipe.transformer
-    gen.denoiser = wrapper = Wrapper(transformer)
+    gen.denoiser = wrapper = CountingWrapper(transformer)
     noise = noise_for(gen)
     latents = gen.sample(gen.encode_prompts(PROMPTS), noise)
     assert wrapper.calls == 1 and pipe.transformer is transformer
