@@ -286,3 +286,12 @@ def test_preference_pairs_prefer_the_verifiers_choice_on_train_captions_only(pip
     path = tmp_path / "train.parquet"
     pairs.to_parquet(str(path))
     assert len(load_preference_dataset(str(path))) == len(pairs)
+
+
+def test_loading_the_base_warns_about_nothing():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        digits.load_pipeline()
+    assert not [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]

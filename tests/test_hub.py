@@ -124,9 +124,9 @@ def test_card_quick_start_loads_the_adapter_onto_the_base_model(tmp_path):
 
 
 def test_card_quick_start_loads_the_base_in_the_half_precision_it_was_trained_in(tmp_path):
-    assert "torch_dtype=torch.float16" in str(render(tmp_path))
+    assert "dtype=torch.float16" in str(render(tmp_path))
     bf16 = str(render(tmp_path, args=config(tmp_path, bf16=True)))  # FLUX and SANA publish bf16 weights
-    assert "torch_dtype=torch.bfloat16" in bf16 and "float16)" not in bf16.replace("bfloat16)", "")
+    assert "dtype=torch.bfloat16" in bf16 and "float16)" not in bf16.replace("bfloat16)", "")
 
 
 def test_card_links_a_hub_base_and_names_a_folder_base_without_a_link(tmp_path):

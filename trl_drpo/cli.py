@@ -200,7 +200,7 @@ def load_pipeline(
         return pipe.to(dtype=torch_dtype) if torch_dtype not in (None, torch.float32) else pipe
     from diffusers import DiffusionPipeline
 
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "revision": revision}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
     if variant:
         kwargs["variant"] = variant
     pipe = DiffusionPipeline.from_pretrained(model_name_or_path, **kwargs)

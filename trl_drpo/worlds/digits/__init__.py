@@ -54,9 +54,7 @@ def load_pipeline(device: str = "cpu", torch_dtype: Any = None):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        BASE_DIR, torch_dtype=torch_dtype or torch.float32, local_files_only=True
-    )
+    pipe = StableDiffusionPipeline.from_pretrained(BASE_DIR, dtype=torch_dtype or torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
