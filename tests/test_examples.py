@@ -75,7 +75,7 @@ def test_the_flux_and_sana_sprint_recipes_are_the_sdxl_turbo_one_with_what_their
             "resolution",
             "lora_target_modules",
             "candidate_chunk_size",
-            "gradient_checkpointing",
+            "activation_checkpointing",
         }
         assert PRESETS[preset]["bf16"] and PRESETS[preset]["num_generations"] == 16
         assert PRESETS[preset]["learning_rate"] == 1e-5

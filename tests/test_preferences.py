@@ -152,3 +152,15 @@ def test_a_resumed_offline_run_equals_an_uninterrupted_one(tmp_path):
     expected, actual = lora_state(straight), lora_state(resumed)
     for name in expected:  # tolerance: float32 round-off only
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_an_offline_runs_card_describes_its_preference_pairs_and_quick_starts_with_a_trained_prompt(tmp_path):
+    trainer = DrPOTrainer(
+        tiny_sd_pipeline(), None, tiny_drpo_config(tmp_path, max_steps=1), train_dataset=pil_dataset()
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path))
+    card = (tmp_path / "README.md").read_text()
+    assert "## Preference data" in card and "## Rewards" not in card and "z-scored" not in card
+    assert "pulls towards the encoded chosen image" in card
+    assert 'pipe("prompt 0",' in card

@@ -469,7 +469,12 @@ def _train_command(argv: list[str]) -> None:
     script_args, config = make_train_parser().parse_args_and_config(argv)
     trainer = train(script_args, config)
     if trainer.is_world_process_zero():
-        print(f"DrPO adapter, model card and sample grid written to {os.path.abspath(config.output_dir)}")
+        from .hub import LORA_WEIGHT_NAME
+
+        # Name only what this run wrote: an offline run, for one, has no rewards to render a sample grid for.
+        names = (LORA_WEIGHT_NAME, "README.md", SAMPLE_GRID_NAME, "eval_results.json")
+        written = [name for name in names if os.path.isfile(os.path.join(config.output_dir, name))]
+        print(f"Written to {os.path.abspath(config.output_dir)}: {', '.join(written)}")
 
 
 def _sample_command(argv: list[str]) -> None:

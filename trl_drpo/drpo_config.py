@@ -112,7 +112,7 @@ PRESETS["flux_schnell"] = {
     # blocks' to_q/k/v (their output projection is fused with the MLP's).
     "lora_target_modules": [*_LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
     "candidate_chunk_size": 4,
-    "gradient_checkpointing": True,
+    "activation_checkpointing": True,
 }
 PRESETS["sana_sprint"] = {
     **PRESETS["sdxl_turbo_paper"],

@@ -514,9 +514,20 @@ class DrPOTrainer(Trainer):
             eval_metrics=self._last_eval_metrics(),
             repo_id=getattr(self, "hub_model_id", None),  # the full "user/name" once push_to_hub created the repo
             call_kwargs=self._served_call_kwargs(),
+            example_prompt=self._example_prompt(),
             **kwargs,
         )
         card.save(os.path.join(output_dir, "README.md"))
+
+    def _example_prompt(self) -> str | None:
+        """The card's quick-start prompt: the first evaluation prompt, else the first training prompt (a prompt the
+        adapter was trained for says more than a generic one), else None for the card's default."""
+        if self.args.eval_prompts:
+            return self.args.eval_prompts[0]
+        try:
+            return str(self.train_dataset[0][self.args.prompt_column])
+        except (TypeError, KeyError, IndexError, NotImplementedError):  # iterable or prompt-less datasets
+            return None
 
     def _served_call_kwargs(self) -> dict[str, Any]:
         """The call settings the adapter was trained for (the image size only when `resolution` chose it)."""

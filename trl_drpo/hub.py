@@ -382,6 +382,7 @@ def render_model_card(
     sample_grid: str | None = None,
     repo_id: str | None = None,
     call_kwargs: dict[str, Any] | None = None,
+    example_prompt: str | None = None,
 ) -> ModelCard:
     """Render the DrPO model card (a `huggingface_hub.ModelCard`) from the template in ``model_cards/``.
 
@@ -397,6 +398,9 @@ def render_model_card(
             `model_name`, then the name of `args.output_dir`.
         call_kwargs: the keyword arguments of the trained call, for the quick start
             (`OneStepGenerator.pipeline_call_kwargs`); default `num_inference_steps=1, guidance_scale=0.0`.
+        example_prompt: the quick start's prompt; default the first of `args.eval_prompts`.
+
+    With no rewards (offline DrPO) the card describes the preference pairs instead of a reward table.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -440,7 +444,7 @@ def render_model_card(
         # A local base is named in the text; the quick start shows where its folder goes, not where it was.
         base_model_id=(f"path/to/{base}" if local_base else base) or "<base model id or path>",
         base_model_display=(f"{base} (a local folder)" if local_base else base) or "a one-step text-to-image pipeline",
-        example_prompt=(list(getattr(args, "eval_prompts", None) or []) or ["a photo of a cat"])[0],
+        example_prompt=example_prompt or (list(getattr(args, "eval_prompts", None) or []) or ["a photo of a cat"])[0],
         call_arguments=", ".join(
             f"{key}={value!r}"
             for key, value in (call_kwargs or {"num_inference_steps": 1, "guidance_scale": 0.0}).items()
