@@ -203,3 +203,10 @@ def test_the_tiny_flux_and_sana_sprint_pipelines_are_builtin_model_names_in_eval
     pipe = load_pipeline(name)
     assert type(pipe).__name__ == family
     assert not any(module.training for module in pipe.components.values() if isinstance(module, torch.nn.Module))
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "evaluate"])
+def test_each_commands_help_names_the_command(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: trl-drpo {command} ")

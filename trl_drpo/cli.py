@@ -456,17 +456,17 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_train_parser() -> Any:
+def make_train_parser(prog: str | None = None) -> Any:
     """The `TrlParser` of `train` and the example scripts: `TrainScriptArguments` + `DrPOConfig`, with ``--config``."""
     from trl import TrlParser
 
     from .drpo_config import DrPOConfig
 
-    return TrlParser((TrainScriptArguments, DrPOConfig))
+    return TrlParser((TrainScriptArguments, DrPOConfig), prog=prog)
 
 
 def _train_command(argv: list[str]) -> None:
-    script_args, config = make_train_parser().parse_args_and_config(argv)
+    script_args, config = make_train_parser(prog="trl-drpo train").parse_args_and_config(argv)
     trainer = train(script_args, config)
     if trainer.is_world_process_zero():
         from .hub import LORA_WEIGHT_NAME
@@ -480,7 +480,7 @@ def _train_command(argv: list[str]) -> None:
 def _sample_command(argv: list[str]) -> None:
     from trl import TrlParser
 
-    (args,) = TrlParser(SampleArguments).parse_args_and_config(argv)
+    (args,) = TrlParser(SampleArguments, prog="trl-drpo sample").parse_args_and_config(argv)
     manifest = sample(args)
     print(f"{len(manifest['images'])} images per model written to {os.path.abspath(args.output_dir)}")
 
@@ -488,7 +488,7 @@ def _sample_command(argv: list[str]) -> None:
 def _evaluate_command(argv: list[str]) -> None:
     from trl import TrlParser
 
-    (args,) = TrlParser(EvaluateArguments).parse_args_and_config(argv)
+    (args,) = TrlParser(EvaluateArguments, prog="trl-drpo evaluate").parse_args_and_config(argv)
     results = evaluate(args)
     rows = ["metric", *results["base"]]
     width = max(len(row) for row in rows)
