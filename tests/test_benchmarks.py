@@ -4,6 +4,7 @@ DRaFT baseline really back-propagates the reward into the LoRA. Nothing here ass
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -293,3 +294,12 @@ def test_rank_agreement_compares_every_cheap_ranking_with_the_full_one_on_the_di
     assert full["topk"]["anchor_agreement"] == 1.0 and full["decode_cost_vs_full"] == 1.0
     assert rows["tiny decoder, 32 px"]["decode_cost_vs_full"] < 0.2  # the shipped distilled decoder
     assert all(-1.0 <= row["topk"]["kendall_tau"] <= 1.0 for row in rows.values())
+
+
+def test_call_overhead_times_both_paths_of_the_same_computation():
+    from benchmarks.call_overhead import measure
+    from trl_drpo.tiny_pipelines import tiny_sd_pipeline
+
+    row = measure(tiny_sd_pipeline(), batch=2, repeats=1)  # asserts the two paths give the same candidates
+    assert {"fast_grad_s", "call_grad_s", "fast_no_grad_s", "call_no_grad_s", "overhead_grad_ms"} <= set(row)
+    assert all(math.isfinite(value) for value in row.values()) and row["fast_grad_s"] > 0
