@@ -291,7 +291,16 @@ def test_preference_pairs_prefer_the_verifiers_choice_on_train_captions_only(pip
 def test_loading_the_base_warns_about_nothing():
     import warnings
 
+    digits.load_pipeline()  # first, so that what the libraries warn about once at import is not counted
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         digits.load_pipeline()
     assert not [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+
+
+def test_loading_the_base_draws_no_progress_bars_and_leaves_the_libraries_settings_alone(capfd):
+    from diffusers.utils import logging as diffusers_logging
+
+    digits.load_pipeline()
+    assert "Loading" not in capfd.readouterr().err
+    assert diffusers_logging.is_progress_bar_enabled()

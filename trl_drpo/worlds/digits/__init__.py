@@ -16,7 +16,9 @@ categories (see `grammar`). See this folder's README.md for how the base was pre
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from .grammar import CATEGORIES, COLORS, parse, prompts
@@ -54,9 +56,29 @@ def load_pipeline(device: str = "cpu", torch_dtype: Any = None):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(BASE_DIR, dtype=torch_dtype or torch.float32, local_files_only=True)
+    with _loading_bars_off():  # a few-MB local folder: loading bars would only clutter every run's output
+        pipe = StableDiffusionPipeline.from_pretrained(
+            BASE_DIR, dtype=torch_dtype or torch.float32, local_files_only=True
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _loading_bars_off() -> Iterator[None]:
+    """diffusers' and transformers' loading progress bars off for the block, each restored as it was."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in states:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def reward_fn(kind: str = "score", judge: bool = False) -> DigitsReward:
