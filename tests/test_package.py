@@ -30,8 +30,12 @@ def test_drift_and_ranking_import_without_diffusers_or_transformers():
     assert out.strip() == "[]"
 
 
-def test_importing_the_trainer_logs_no_warning_about_image_processors_it_does_not_use():
-    code = "from trl_drpo import DrPOTrainer"
+@pytest.mark.parametrize(
+    "code",
+    ["from trl_drpo import DrPOTrainer", "from trl_drpo.worlds import digits; digits.load_pipeline()"],
+    ids=["the trainer", "the digit world's base"],
+)
+def test_importing_logs_no_warning_about_image_processors_it_does_not_use(code):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torchvision" not in result.stderr, result.stderr[-2000:]

@@ -54,7 +54,8 @@ def load_pipeline(device: str = "cpu", torch_dtype: Any = None):
         torch_dtype: parameter dtype; float32 by default.
     """
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from ...generators.pipeline_classes import StableDiffusionPipeline  # imported without transformers' notices
 
     with _loading_bars_off():  # a few-MB local folder: loading bars would only clutter every run's output
         pipe = StableDiffusionPipeline.from_pretrained(
