@@ -514,16 +514,14 @@ class DrPOTrainer(Trainer):
             eval_metrics=self._last_eval_metrics(),
             repo_id=getattr(self, "hub_model_id", None),  # the full "user/name" once push_to_hub created the repo
             call_kwargs=self._served_call_kwargs(),
-            example_prompt=self._example_prompt(),
+            example_prompt=self._first_train_prompt(),
             **kwargs,
         )
         card.save(os.path.join(output_dir, "README.md"))
 
-    def _example_prompt(self) -> str | None:
-        """The card's quick-start prompt: the first evaluation prompt, else the first training prompt (a prompt the
-        adapter was trained for says more than a generic one), else None for the card's default."""
-        if self.args.eval_prompts:
-            return self.args.eval_prompts[0]
+    def _first_train_prompt(self) -> str | None:
+        """The card's quick-start prompt when there are no evaluation prompts: a prompt the adapter was trained for
+        says more than a generic one. None for an iterable or prompt-less dataset."""
         try:
             return str(self.train_dataset[0][self.args.prompt_column])
         except (TypeError, KeyError, IndexError, NotImplementedError):  # iterable or prompt-less datasets

@@ -398,7 +398,8 @@ def render_model_card(
             `model_name`, then the name of `args.output_dir`.
         call_kwargs: the keyword arguments of the trained call, for the quick start
             (`OneStepGenerator.pipeline_call_kwargs`); default `num_inference_steps=1, guidance_scale=0.0`.
-        example_prompt: the quick start's prompt; default the first of `args.eval_prompts`.
+        example_prompt: the quick start's prompt when `args.eval_prompts` is empty (whose first prompt it is
+            otherwise).
 
     With no rewards (offline DrPO) the card describes the preference pairs instead of a reward table.
     """
@@ -444,7 +445,7 @@ def render_model_card(
         # A local base is named in the text; the quick start shows where its folder goes, not where it was.
         base_model_id=(f"path/to/{base}" if local_base else base) or "<base model id or path>",
         base_model_display=(f"{base} (a local folder)" if local_base else base) or "a one-step text-to-image pipeline",
-        example_prompt=example_prompt or (list(getattr(args, "eval_prompts", None) or []) or ["a photo of a cat"])[0],
+        example_prompt=(list(getattr(args, "eval_prompts", None) or []) or [example_prompt or "a photo of a cat"])[0],
         call_arguments=", ".join(
             f"{key}={value!r}"
             for key, value in (call_kwargs or {"num_inference_steps": 1, "guidance_scale": 0.0}).items()
