@@ -78,7 +78,7 @@ def test_train_reads_a_yaml_config_and_flags_override_it(tmp_path):
     assert "## Evaluation" in (out / "README.md").read_text()
 
 
-def test_train_with_reward_none_learns_offline_from_a_preference_file(tmp_path):
+def test_train_with_reward_none_learns_offline_from_a_preference_file(tmp_path, capsys):
     from PIL import Image
 
     (tmp_path / "img").mkdir()
@@ -93,6 +93,8 @@ def test_train_with_reward_none_learns_offline_from_a_preference_file(tmp_path):
     for name in (LORA_WEIGHT_NAME, "README.md", "drpo_config.json", "samples.png"):
         assert (out / name).is_file(), name
     assert not (out / "eval_results.json").exists()  # nothing to score the held-out prompts with
+    written = capsys.readouterr().out.strip().splitlines()[-1]
+    assert written == f"Written to {out}: {LORA_WEIGHT_NAME}, README.md, drpo_config.json, samples.png"
 
 
 def test_sample_writes_a_png_per_prompt_and_seed_and_a_manifest(adapter, tmp_path):

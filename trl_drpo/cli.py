@@ -469,11 +469,17 @@ def _train_command(argv: list[str]) -> None:
     script_args, config = make_train_parser(prog="trl-drpo train").parse_args_and_config(argv)
     trainer = train(script_args, config)
     if trainer.is_world_process_zero():
-        from .hub import LORA_WEIGHT_NAME
+        import glob
 
-        # Name only what this run wrote: an offline run, for one, has no rewards to render a sample grid for.
-        names = (LORA_WEIGHT_NAME, "README.md", SAMPLE_GRID_NAME, "eval_results.json")
-        written = [name for name in names if os.path.isfile(os.path.join(config.output_dir, name))]
+        from .hub import MODEL_FILES
+
+        # Name only what this run wrote (the model's files, adapter or full denoiser, and what came with them): an
+        # offline run, for one, has no rewards to render a sample grid for.
+        written = [
+            os.path.relpath(path, config.output_dir)
+            for pattern in (*MODEL_FILES, SAMPLE_GRID_NAME, "eval_results.json")
+            for path in sorted(glob.glob(os.path.join(config.output_dir, pattern)))
+        ]
         print(f"Written to {os.path.abspath(config.output_dir)}: {', '.join(written)}")
 
 
