@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.trl_drpo-installed
 
-.PHONY: venv demo test bench lint format clean
+.PHONY: venv demo test bench bench-world lint format clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ test: venv
 # Measurements (FLOPs per update, CPU timings, memory vs K): writes benchmarks/results/ and the README table.
 bench: venv
 	$(PY) -m benchmarks.run_all --update-readme
+
+# DrPO against DRaFT, DPO1step and Neighbor-GRPO in the digit world, the same wall-clock each (about 40 min on 2 cores):
+# writes benchmarks/results/world_comparison.{json,md,png}.
+bench-world: venv
+	$(PY) -m benchmarks.world_comparison
 
 lint: venv
 	$(PY) -m ruff check trl_drpo tests examples benchmarks
