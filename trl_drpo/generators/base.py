@@ -4,7 +4,6 @@ registry of pipeline families."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
@@ -24,6 +23,7 @@ from .call import (
     unwrap_module,
 )
 from .embeds import PromptEmbeds
+from .vae import decode_pixels, encode_pixels, fp32_vae
 
 
 logger = logging.getLogger(__name__)
@@ -460,43 +460,10 @@ class OneStepGenerator:
         return False
 
     def _decoding_vae(self) -> nn.Module:
-        if not self._needs_vae_upcast():
-            return self.vae
-        # The pipeline upcasts its fp16 VAE in place for the call; we keep a frozen fp32 copy instead, because
-        # flipping the dtype of shared weights between a forward and its backward would corrupt the gradient.
-        device = next(self.vae.parameters()).device
-        if self._vae_fp32 is None:
-            self._vae_fp32 = copy.deepcopy(self.vae).to(torch.float32).eval().requires_grad_(False)
-        if next(self._vae_fp32.parameters()).device != device:  # follow the pipeline when it is moved
-            self._vae_fp32.to(device)
-        return self._vae_fp32
-
-    def _latent_statistics(self, latents: Tensor) -> tuple[Tensor, Tensor] | None:
-        # The per-channel mean/std some VAEs declare (the SDXL pipeline applies them), shaped to broadcast.
-        config = self.vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is None or std is None:
-            return None
-        shape = (1, latents.shape[1], 1, 1)
-        return tuple(torch.tensor(v).view(shape).to(latents.device, latents.dtype) for v in (mean, std))
-
-    def _unscale_latents(self, latents: Tensor) -> Tensor:
-        # Denoiser space -> VAE space, in the pipelines' own order of operations: statistics (SDXL), else divide by
-        # the scaling factor and add the shift factor (SD3, Flux).
-        statistics = self._latent_statistics(latents)
-        if statistics is not None:
-            return latents * statistics[1] / self.vae.config.scaling_factor + statistics[0]
-        latents = latents / self.vae.config.scaling_factor
-        shift = getattr(self.vae.config, "shift_factor", None)
-        return latents if shift is None else latents + shift
-
-    def _scale_latents(self, latents: Tensor) -> Tensor:
-        # VAE space -> denoiser space (the inverse of `_unscale_latents`).
-        statistics = self._latent_statistics(latents)
-        if statistics is not None:
-            return (latents - statistics[0]) * self.vae.config.scaling_factor / statistics[1]
-        shift = getattr(self.vae.config, "shift_factor", None)
-        return (latents if shift is None else latents - shift) * self.vae.config.scaling_factor
+        if self._needs_vae_upcast():
+            self._vae_fp32 = fp32_vae(self.vae, self._vae_fp32)
+            return self._vae_fp32
+        return self.vae
 
     def pack_latents(self, latents: Tensor) -> Tensor:
         """`(B, C, h, w)` VAE-grid latents in the layout the call's `latents=` takes (identity unless the family
@@ -521,17 +488,11 @@ class OneStepGenerator:
         pixels = self.pipeline.image_processor.preprocess(
             images, height=self.resolution, width=self.resolution, resize_mode="crop"
         )
-        vae = self._decoding_vae()
-        param = next(vae.parameters())
-        encoded = vae.encode(pixels.to(device=param.device, dtype=param.dtype))
-        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latent
-        return self.pack_latents(self._scale_latents(latents)).to(device=self.device, dtype=self.dtype)
+        latents = encode_pixels(self._decoding_vae(), pixels)
+        return self.pack_latents(latents).to(device=self.device, dtype=self.dtype)
 
     def _decode_chunk(self, latents: Tensor, watermark: bool) -> Tensor:
-        vae = self._decoding_vae()
-        param = next(vae.parameters())
-        latents = self.unpack_latents(latents).to(device=param.device, dtype=param.dtype)
-        image = vae.decode(self._unscale_latents(latents), return_dict=False)[0]
+        image = decode_pixels(self._decoding_vae(), self.unpack_latents(latents))
         marker = getattr(self.pipeline, "watermark", None)
         if watermark and marker is not None:
             image = marker.apply_watermark(image)
