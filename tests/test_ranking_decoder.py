@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from trl_drpo import DrPOConfig, DrPOTrainer
 from trl_drpo.features.latent import LatentMAEResNet
+from trl_drpo.generators.adapters import adapters_enabled
 from trl_drpo.generators.vae import unscale_latents
 from trl_drpo.ranking_decoder import RankingDecoder
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline
@@ -224,7 +225,7 @@ def test_without_a_reference_term_the_trainer_runs_no_reference_forward(tmp_path
     base_rows = []
 
     def count_base_rows(_module, args):
-        if not generator._adapters_enabled(denoiser):
+        if not adapters_enabled(denoiser):
             base_rows.append(args[0].shape[0])
 
     handle = denoiser.register_forward_pre_hook(count_base_rows)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..scoring import to_pil
+from .adapters import adapters_disabled, inject_lora, lora_config, tuner_layers, upcast_half_parameters
 from .call import (
     check_call_kwargs,
     encode_kwargs,
@@ -192,16 +193,7 @@ class OneStepGenerator:
     @property
     def has_adapter(self) -> bool:
         """Whether a PEFT adapter (e.g. LoRA) is injected into the denoiser."""
-        return bool(self._tuner_layers())
-
-    def _tuner_layers(self, denoiser: nn.Module | None = None) -> list[nn.Module]:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        denoiser = self.unwrapped_denoiser if denoiser is None else denoiser
-        return [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
-
-    def _adapters_enabled(self, denoiser: nn.Module) -> bool:
-        return any(not layer.disable_adapters for layer in self._tuner_layers(denoiser))
+        return bool(tuner_layers(self.unwrapped_denoiser))
 
     def pipeline_call_kwargs(self, resolution: int | None = None) -> dict[str, Any]:
         """The keyword arguments of `pipe(prompt, **kwargs)` that serve what is trained: :attr:`call_kwargs` with
@@ -328,20 +320,14 @@ class OneStepGenerator:
         That is the frozen reference set by :meth:`set_reference_denoiser` if any; otherwise the unwrapped denoiser
         with its adapter layers disabled for the duration (re-enabled on exit only if they were enabled on entry), or
         the unwrapped denoiser itself when no adapter is injected. No copy of the model is made. The PEFT layers are
-        switched directly, which serves denoisers with diffusers' adapter methods and PEFT-injected ones alike.
+        switched directly (`trl_drpo.generators.adapters.adapters_disabled`).
         """
         if self._reference_denoiser is not None:
             yield self._reference_denoiser
             return
         denoiser = self.unwrapped_denoiser
-        enabled = [layer for layer in self._tuner_layers() if not layer.disable_adapters]
-        for layer in enabled:
-            layer.enable_adapters(False)
-        try:
+        with adapters_disabled(denoiser):
             yield denoiser
-        finally:
-            for layer in enabled:
-                layer.enable_adapters(True)
 
     @torch.no_grad()
     def reference(self, embeds: PromptEmbeds, noise: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -422,19 +408,9 @@ class OneStepGenerator:
             The trainable parameters (the LoRA weights), as :meth:`trainable_parameters` does.
         """
         if config is None:
-            from peft import LoraConfig
-
-            targets = list(target_modules) if target_modules else list(self.lora_target_modules)
-            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, **lora_kwargs)
-        denoiser = self.unwrapped_denoiser
-        denoiser.requires_grad_(False)
-        if hasattr(denoiser, "add_adapter"):
-            denoiser.add_adapter(config, adapter_name=adapter_name)
-        else:
-            from peft import inject_adapter_in_model
-
-            inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
-            denoiser.peft_config = {**getattr(denoiser, "peft_config", {}), adapter_name: config}
+            targets = target_modules or self.lora_target_modules
+            config = lora_config(rank, alpha, targets, dropout, **lora_kwargs)
+        inject_lora(self.unwrapped_denoiser, config, adapter_name)
         if upcast_to_fp32:
             self.upcast_trainable_parameters()
         return self.trainable_parameters()
@@ -448,11 +424,7 @@ class OneStepGenerator:
         `Parameter` objects, so an optimizer holding them keeps them. A half-precision cast of the pipeline
         (`pipe.to(torch.bfloat16)`) reaches the LoRA weights too; training them in half precision would lose small
         updates to rounding."""
-        for param in self.trainable_parameters():
-            if param.dtype in (torch.float16, torch.bfloat16):
-                param.data = param.data.float()
-                if param.grad is not None:
-                    param.grad = param.grad.float()
+        upcast_half_parameters(self.trainable_parameters())
 
     # ---------------------------------------------------------------------------------------------------- decoding
 
