@@ -18,7 +18,7 @@ from datasets import Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import HubStrategy
 
-from .checkpoints import checkpoint_problems, latest_complete_checkpoint
+from .checkpoints import resume_checkpoint
 from .drift import DrPOTargets
 from .drpo_config import DrPOConfig
 from .features import build_feature_map
@@ -248,21 +248,7 @@ class DrPOTrainer(Trainer):
         a `ValueError` naming the file, before anything is loaded.
         """
         weights = LORA_WEIGHT_NAME if self.args.use_lora else None
-        if resume_from_checkpoint is True:
-            folder, skipped = latest_complete_checkpoint(self.args.output_dir, weights)
-            for problem in skipped:
-                logger.warning("Not resuming from an incomplete checkpoint: %s.", problem)
-            if folder is None:
-                raise ValueError(
-                    f"No complete checkpoint to resume from in {self.args.output_dir}"
-                    + (f" ({'; '.join(skipped)})" if skipped else "")
-                    + ". Start without resume_from_checkpoint, or pass a checkpoint folder."
-                )
-            resume_from_checkpoint = folder
-        elif isinstance(resume_from_checkpoint, str):
-            problems = checkpoint_problems(resume_from_checkpoint, weights)
-            if problems:
-                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {'; '.join(problems)}.")
+        resume_from_checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir, weights, logger)
         self._follow_pipeline_changes()  # before transformers moves the denoiser (only) back to the trainer's device
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
