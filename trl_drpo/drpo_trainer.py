@@ -19,7 +19,6 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import HubStrategy
 
 from .checkpoints import resume_checkpoint
-from .drift import DrPOTargets
 from .drpo_config import DrPOConfig
 from .features import build_feature_map
 from .generators import OneStepGenerator, evaluation_seed
@@ -35,6 +34,7 @@ from .hub import (
     save_adapter,
     upload_model_files,
 )
+from .metrics import StepMetrics
 from .preferences import (
     PreferenceLatents,
     is_preference_dataset,
@@ -229,7 +229,7 @@ class DrPOTrainer(Trainer):
             self.generator, None if self.offline else args.ranking_vae, args.ranking_resolution
         )
         self.step_settings = args.step_settings
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = StepMetrics()
         self._micro_step = [-1, 0]
         self._images_logged_step = -1
         self._base_eval: tuple[tuple[str, ...], dict[str, float]] | None = None
@@ -331,7 +331,7 @@ class DrPOTrainer(Trainer):
         )
         timings["step"] = time.perf_counter() - start
 
-        self._record_step(rollout.scores, rollout.targets, timings)
+        self._metrics.record_step(self.reward_funcs, rollout.scores, rollout.targets, timings)
         step = self.state.global_step
         logs_images = args.log_images_steps and step % args.log_images_steps == 0 and rollout.images is not None
         if logs_images and self._images_logged_step != step and self.is_world_process_zero():
@@ -345,39 +345,11 @@ class DrPOTrainer(Trainer):
         return loss
 
     # ------------------------------------------------------------------------------------------------------------
-    # Metrics and logging
+    # Logging
     # ------------------------------------------------------------------------------------------------------------
 
-    def _record_step(
-        self, scores: torch.Tensor | None, targets: list[DrPOTargets | None], timings: dict[str, float]
-    ) -> None:
-        metrics = self._metrics["train"]
-        if scores is not None:  # offline steps score nothing
-            combined = self.reward_funcs.combine(scores)
-            metrics["reward"].append(combined.mean().item())
-            metrics["reward_std"].append(combined.std().item() if combined.numel() > 1 else 0.0)
-            for name, values in zip(self.reward_funcs.names, scores):
-                metrics[f"rewards/{name}/mean"].append(values.mean().item())
-                metrics[f"rewards/{name}/std"].append(values.std().item() if values.numel() > 1 else 0.0)
-        used = [t for t in targets if t is not None]
-        metrics["frac_prompts_skipped"].append(1.0 - len(used) / len(targets))
-        for target in used:
-            for name, value in target.metrics.items():
-                metrics[f"drift/{name}"].append(value.mean().item())
-        for name, seconds in timings.items():
-            metrics[f"timing/{name}"].append(seconds)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        local = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
-        merged: dict[str, list[float]] = defaultdict(list)
-        for rank_metrics in gather_object([local]):
-            for key, value in rank_metrics.items():
-                merged[key].append(value)
-        prefix = "eval_" if mode == "eval" else ""
-        logs = {**logs, **{prefix + key: sum(values) / len(values) for key, values in sorted(merged.items())}}
-        self._metrics[mode].clear()
-        super().log(logs, start_time)
+        super().log(self._metrics.merged_into(logs), start_time)
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation
