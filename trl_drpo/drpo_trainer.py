@@ -22,6 +22,7 @@ from .checkpoints import resume_checkpoint
 from .drpo_config import DrPOConfig
 from .features import build_feature_map
 from .generators import OneStepGenerator, evaluation_seed
+from .generators.adapters import check_no_loaded_adapter
 from .hub import (
     CONFIG_NAME,
     LORA_WEIGHT_NAME,
@@ -157,15 +158,7 @@ class DrPOTrainer(Trainer):
             raise ValueError(_DEEPSPEED_CHUNK_ERROR)
 
         denoiser = self.generator.denoiser
-        loaded = list(getattr(self.generator.unwrapped_denoiser, "peft_config", None) or {})
-        if loaded:
-            # A second adapter would switch the loaded one off: the pipe would silently serve the bare base.
-            raise ValueError(
-                f"The pipeline's denoiser already holds LoRA adapter(s) {loaded} (e.g. from `load_lora_weights`). To "
-                "keep what it learned and train on top of it, fuse it first: `pipe.fuse_lora(); "
-                "pipe.unload_lora_weights()`. To resume a DrPO run, load the bare base and pass "
-                "`resume_from_checkpoint` to `train()`. To start fresh, call `pipe.unload_lora_weights()`."
-            )
+        check_no_loaded_adapter(self.generator.unwrapped_denoiser)
         if args.use_lora:
             # transformers seeds in `Trainer.__init__`, which runs after this: seed now, so that the adapter's initial
             # weights (PEFT draws them from the global generator) are those of `args.seed` on every run.

@@ -28,6 +28,20 @@ def adapters_enabled(denoiser: nn.Module) -> bool:
     return any(not layer.disable_adapters for layer in tuner_layers(denoiser))
 
 
+def check_no_loaded_adapter(denoiser: nn.Module) -> None:
+    """Raise a `ValueError` naming the fixes when `denoiser` already holds a PEFT adapter (e.g. from the pipeline's
+    `load_lora_weights`): a second adapter would switch the loaded one off, and the pipeline would silently serve the
+    bare base."""
+    loaded = list(getattr(denoiser, "peft_config", None) or {})
+    if loaded:
+        raise ValueError(
+            f"The pipeline's denoiser already holds LoRA adapter(s) {loaded} (e.g. from `load_lora_weights`). To "
+            "keep what it learned and train on top of it, fuse it first: `pipe.fuse_lora(); "
+            "pipe.unload_lora_weights()`. To resume a DrPO run, load the bare base and pass "
+            "`resume_from_checkpoint` to `train()`. To start fresh, call `pipe.unload_lora_weights()`."
+        )
+
+
 def lora_config(rank: int, alpha: float, target_modules: Sequence[str], dropout: float, **lora_kwargs: Any) -> Any:
     """A `peft.LoraConfig` with `r=rank`, `lora_alpha=alpha`, `target_modules`, `lora_dropout=dropout` and any further
     `LoraConfig` arguments (e.g. `init_lora_weights="gaussian"`)."""
