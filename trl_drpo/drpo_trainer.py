@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import time
@@ -45,7 +44,7 @@ from .prompts import PromptCollator, load_prompt_dataset
 from .ranking_decoder import RankingDecoder
 from .reporting import ReportingCallbackHandler, log_candidates
 from .scoring import RewardFunctions
-from .step import TIMING_PHASES, StepHooks, micro_step
+from .step import TIMING_PHASES, StepHooks, StepNoise, micro_step
 
 
 logger = logging.getLogger(__name__)
@@ -223,7 +222,7 @@ class DrPOTrainer(Trainer):
         )
         self.step_settings = args.step_settings
         self._metrics = StepMetrics()
-        self._micro_step = [-1, 0]
+        self._noise = StepNoise(args.seed, self.accelerator.process_index)
         self._images_logged_step = -1
         self._base_eval: tuple[tuple[str, ...], dict[str, float]] | None = None
         if hasattr(self.model, "add_model_tags"):
@@ -267,17 +266,6 @@ class DrPOTrainer(Trainer):
             )
         self.generator.upcast_trainable_parameters()
 
-    def _noise_generator(self) -> torch.Generator:
-        """A generator seeded by (seed, rank, update, micro-step): each rank samples its own noise, and a resumed
-        run draws exactly the noise the uninterrupted run would have."""
-        step = self.state.global_step
-        if self._micro_step[0] != step:
-            self._micro_step = [step, 0]
-        micro = self._micro_step[1]
-        self._micro_step[1] += 1
-        key = f"{self.args.seed}/{self.accelerator.process_index}/{step}/{micro}".encode()
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
-
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
@@ -316,8 +304,8 @@ class DrPOTrainer(Trainer):
             prompts,
             self.step_settings,
             hooks,
-            noise_generator=self._noise_generator(),
-            selection_generator=self._noise_generator(),
+            noise_generator=self._noise.next(self.state.global_step),
+            selection_generator=self._noise.next(self.state.global_step),
             accumulation_steps=accumulation,
             preference_latents=self._preference_latents(columns) if self.offline else None,
             decoder=self.ranking_decoder,
