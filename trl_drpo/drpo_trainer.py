@@ -19,8 +19,9 @@ from transformers.trainer_utils import HubStrategy
 
 from .checkpoints import resume_checkpoint
 from .drpo_config import DrPOConfig
+from .evaluation import last_eval_metrics, render_pairs, reward_means, seed_major_pairs
 from .features import build_feature_map
-from .generators import OneStepGenerator, evaluation_seed
+from .generators import OneStepGenerator
 from .generators.adapters import check_no_loaded_adapter
 from .hub import (
     CONFIG_NAME,
@@ -351,41 +352,24 @@ class DrPOTrainer(Trainer):
         Image ``(seed, i)`` uses the latent seed ``seed * 10**6 + i`` (the paper's protocol), so results are
         comparable across runs and checkpoints. ``adapter=False`` renders the base generator.
         """
-        return self._render_pairs(prompts, [(seed, i) for seed in seeds for i in range(len(prompts))], adapter)
+        return self._render_pairs(prompts, seed_major_pairs(seeds, len(prompts)), adapter)
 
     def _render_pairs(self, prompts: Sequence[str], pairs: Sequence[tuple[int, int]], adapter: bool) -> torch.Tensor:
         """Images for ``(seed, prompt index)`` pairs, in order (see :meth:`render`)."""
-        gen = self.generator
-        embeds = gen.encode_prompts(list(prompts))
-        noise = torch.cat(
-            [gen.make_noise(1, torch.Generator().manual_seed(evaluation_seed(seed, i))) for seed, i in pairs]
-        )
-        ids = torch.tensor([i for _, i in pairs])
-        chunk = self.args.decode_chunk_size or len(ids)
-        images = []
-        for begin in range(0, len(ids), chunk):
-            sub = ids[begin : begin + chunk]
-            with self.compute_loss_context_manager():
-                sampler = gen.sample if adapter else gen.reference
-                latents = sampler(embeds.select(sub), noise[begin : begin + chunk])
-            images.append(gen.decode(latents, chunk_size=self.args.decode_chunk_size))
-        return torch.cat(images)
+        chunk_size, autocast = self.args.decode_chunk_size, self.compute_loss_context_manager
+        return render_pairs(self.generator, prompts, pairs, adapter, chunk_size, autocast)
 
     def _score(self, prompts: Sequence[str], adapter: bool) -> dict[str, float]:
         # Each process renders and scores its own share of the (seed, prompt) pairs; the scores are gathered in
         # order, so every process reports the same means as a single process would.
-        pairs = [(seed, i) for seed in self.args.eval_seeds for i in range(len(prompts))]
+        pairs = seed_major_pairs(self.args.eval_seeds, len(prompts))
         with self.accelerator.split_between_processes(pairs) as mine:
             rows: list[list[float]] = []
             if mine:
                 images = self._render_pairs(prompts, mine, adapter)
                 scores = self.reward_funcs(images, [prompts[i] for _, i in mine])
                 rows = scores.T.tolist()
-        scores = torch.tensor(gather_object(rows)).T
-        out = {"reward": self.reward_funcs.combine(scores).mean().item()}
-        for name, values in zip(self.reward_funcs.names, scores):
-            out[f"rewards/{name}/mean"] = values.mean().item()
-        return out
+        return reward_means(self.reward_funcs, torch.tensor(gather_object(rows)).T)
 
     def evaluate(
         self,
@@ -450,7 +434,7 @@ class DrPOTrainer(Trainer):
             reward_names=self.reward_funcs.names if self.reward_funcs else [],
             reward_weights=self.reward_funcs.weights if self.reward_funcs else [],
             tags=self._tag_names,
-            eval_metrics=self._last_eval_metrics(),
+            eval_metrics=last_eval_metrics(self.state.log_history),
             repo_id=getattr(self, "hub_model_id", None),  # the full "user/name" once push_to_hub created the repo
             call_kwargs=self._served_call_kwargs(),
             example_prompt=self._first_train_prompt(),
@@ -471,12 +455,6 @@ class DrPOTrainer(Trainer):
         if self.args.resolution is None:
             return dict(self.generator.call_kwargs)
         return self.generator.pipeline_call_kwargs()
-
-    def _last_eval_metrics(self) -> dict[str, float]:
-        for entry in reversed(self.state.log_history):
-            if any(key.startswith("eval_") for key in entry):
-                return {key: value for key, value in entry.items() if key.startswith("eval_")}
-        return {}
 
     def create_model_card(
         self,
