@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from trl_drpo.generators import OneStepGenerator
+from trl_drpo.generators.vae import unscale_latents
 from trl_drpo.ranking import AnchorSelection, select_anchors
 from trl_drpo.ranking_decoder import RankingDecoder, load_tiny_vae
 from trl_drpo.worlds import digits
@@ -173,7 +174,8 @@ def distil_tiny_decoder(
     per_prompt = max(1, samples // len(train))
     latents = base_latents(generator, train, per_prompt, seed=12345)
     with torch.no_grad():
-        targets = torch.cat([generator.vae.decode(generator._unscale_latents(c)).sample for c in latents.split(512)])
+        vae = generator.vae
+        targets = torch.cat([vae.decode(unscale_latents(vae, c)).sample for c in latents.split(512)])
     log(f"distil: {len(latents)} latents and VAE decodes in {time.perf_counter() - start:.0f} s")
     torch.manual_seed(0)
     tiny = AutoencoderTiny(**TINY_DECODER)

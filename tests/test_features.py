@@ -15,6 +15,7 @@ from trl_drpo.features import (
     build_feature_map,
 )
 from trl_drpo.generators import OneStepGenerator
+from trl_drpo.generators.adapters import adapters_enabled
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
@@ -105,7 +106,7 @@ def test_denoiser_features_are_deterministic_and_do_not_depend_on_the_lora(gen):
         torch.testing.assert_close(after[key], before[key], atol=1e-5, rtol=0)
         assert torch.equal(again[key], after[key])
     # The adapter is live again and no hook is left behind.
-    assert gen._adapters_enabled(gen.unwrapped_denoiser)
+    assert adapters_enabled(gen.unwrapped_denoiser)
     assert all(not m._forward_hooks for m in gen.unwrapped_denoiser.modules())
 
 

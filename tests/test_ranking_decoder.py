@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from trl_drpo import DrPOConfig, DrPOTrainer
 from trl_drpo.features.latent import LatentMAEResNet
+from trl_drpo.generators.adapters import adapters_enabled
+from trl_drpo.generators.vae import unscale_latents
 from trl_drpo.ranking_decoder import RankingDecoder
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline
 
@@ -98,7 +100,7 @@ def test_tiny_decoder_images_are_autoencoder_tiny_decodes_of_latents_unscaled_by
     # What a diffusers pipeline with `pipe.vae = tiny` does: latents / tiny.config.scaling_factor; [-1, 1] -> [0, 1].
     expected = (tiny.decode(latents.detach() / TINY_SCALING_FACTOR).sample / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(decoder(latents), expected)
-    wrongly_unscaled = (tiny.decode(generator._unscale_latents(latents.detach())).sample / 2 + 0.5).clamp(0, 1)
+    wrongly_unscaled = (tiny.decode(unscale_latents(generator.vae, latents.detach())).sample / 2 + 0.5).clamp(0, 1)
     assert not torch.allclose(decoder(latents), wrongly_unscaled)
 
 
@@ -223,7 +225,7 @@ def test_without_a_reference_term_the_trainer_runs_no_reference_forward(tmp_path
     base_rows = []
 
     def count_base_rows(_module, args):
-        if not generator._adapters_enabled(denoiser):
+        if not adapters_enabled(denoiser):
             base_rows.append(args[0].shape[0])
 
     handle = denoiser.register_forward_pre_hook(count_base_rows)

@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 
 from trl_drpo import DrPOTrainer
+from trl_drpo.generators.adapters import adapters_enabled
 from trl_drpo.hub import LORA_WEIGHT_NAME
 from trl_drpo.rewards import JpegCompressibility
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -101,7 +102,7 @@ def test_adapted_denoiser_runs_once_per_candidate_in_one_graph_and_twice_when_ch
     rows = []
 
     def count_adapted_rows(_module, args):
-        if generator._adapters_enabled(denoiser):
+        if adapters_enabled(denoiser):
             rows.append(args[0].shape[0])
 
     handle = denoiser.register_forward_pre_hook(count_adapted_rows)

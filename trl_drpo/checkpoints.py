@@ -3,7 +3,8 @@
 A `transformers.Trainer` writes a checkpoint's files one after the other; a run killed in between leaves a folder
 that looks like the latest checkpoint but cannot be resumed. These checks read every file enough to know it is whole
 (JSON parsed, safetensors headers read, the zip archives `torch.save` writes verified by their CRCs) without loading
-any tensor, so resuming can skip an incomplete checkpoint or say which file is damaged.
+any tensor, so resuming can skip an incomplete checkpoint or say which file is damaged (`resume_checkpoint`, which
+`DrPOTrainer.train` resumes through).
 
 Weight files of any origin (reward models, feature maps) are read here too, the one place that loads a torch pickle:
 `read_weights_file` never executes pickled code.
@@ -12,6 +13,7 @@ Weight files of any origin (reward models, feature maps) are read here too, the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -21,6 +23,8 @@ from typing import Any
 
 import torch
 
+
+logger = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("trainer_state.json",)
 """Written last by the trainer: a checkpoint without it was interrupted."""
@@ -97,6 +101,41 @@ def latest_complete_checkpoint(output_dir: str, weights_name: str | None = None)
             return folder, skipped
         skipped.extend(problems)
     return None, skipped
+
+
+def resume_checkpoint(
+    resume_from_checkpoint: str | bool | None,
+    output_dir: str,
+    weights_name: str | None = None,
+    log: logging.Logger = logger,
+) -> str | bool | None:
+    """What to hand `transformers.Trainer.train(resume_from_checkpoint=...)` so that it resumes only from a whole
+    checkpoint.
+
+    `True` becomes the newest complete `checkpoint-N` of `output_dir` (see :func:`latest_complete_checkpoint`), with a
+    warning on `log` for each problem of a newer checkpoint skipped on the way; a folder is returned as it is once
+    checked; anything else (None, False) is returned unchanged.
+
+    Raises:
+        ValueError: `True` and no complete checkpoint in `output_dir` (the message lists what was skipped), or a
+            folder with a damaged or missing file (named), before anything is loaded.
+    """
+    if resume_from_checkpoint is True:
+        folder, skipped = latest_complete_checkpoint(output_dir, weights_name)
+        for problem in skipped:
+            log.warning("Not resuming from an incomplete checkpoint: %s.", problem)
+        if folder is None:
+            raise ValueError(
+                f"No complete checkpoint to resume from in {output_dir}"
+                + (f" ({'; '.join(skipped)})" if skipped else "")
+                + ". Start without resume_from_checkpoint, or pass a checkpoint folder."
+            )
+        return folder
+    if isinstance(resume_from_checkpoint, str):
+        problems = checkpoint_problems(resume_from_checkpoint, weights_name)
+        if problems:
+            raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {'; '.join(problems)}.")
+    return resume_from_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import time
@@ -18,11 +17,12 @@ from datasets import Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import HubStrategy
 
-from .checkpoints import checkpoint_problems, latest_complete_checkpoint
-from .drift import DrPOTargets
+from .checkpoints import resume_checkpoint
 from .drpo_config import DrPOConfig
+from .evaluation import last_eval_metrics, render_pairs, reward_means, seed_major_pairs
 from .features import build_feature_map
-from .generators import OneStepGenerator, evaluation_seed
+from .generators import OneStepGenerator
+from .generators.adapters import check_no_loaded_adapter
 from .hub import (
     CONFIG_NAME,
     LORA_WEIGHT_NAME,
@@ -35,6 +35,7 @@ from .hub import (
     save_adapter,
     upload_model_files,
 )
+from .metrics import StepMetrics
 from .preferences import (
     PreferenceLatents,
     is_preference_dataset,
@@ -44,7 +45,7 @@ from .prompts import PromptCollator, load_prompt_dataset
 from .ranking_decoder import RankingDecoder
 from .reporting import ReportingCallbackHandler, log_candidates
 from .scoring import RewardFunctions
-from .step import TIMING_PHASES, StepHooks, micro_step
+from .step import TIMING_PHASES, StepHooks, StepNoise, micro_step
 
 
 logger = logging.getLogger(__name__)
@@ -157,15 +158,7 @@ class DrPOTrainer(Trainer):
             raise ValueError(_DEEPSPEED_CHUNK_ERROR)
 
         denoiser = self.generator.denoiser
-        loaded = list(getattr(self.generator.unwrapped_denoiser, "peft_config", None) or {})
-        if loaded:
-            # A second adapter would switch the loaded one off: the pipe would silently serve the bare base.
-            raise ValueError(
-                f"The pipeline's denoiser already holds LoRA adapter(s) {loaded} (e.g. from `load_lora_weights`). To "
-                "keep what it learned and train on top of it, fuse it first: `pipe.fuse_lora(); "
-                "pipe.unload_lora_weights()`. To resume a DrPO run, load the bare base and pass "
-                "`resume_from_checkpoint` to `train()`. To start fresh, call `pipe.unload_lora_weights()`."
-            )
+        check_no_loaded_adapter(self.generator.unwrapped_denoiser)
         if args.use_lora:
             # transformers seeds in `Trainer.__init__`, which runs after this: seed now, so that the adapter's initial
             # weights (PEFT draws them from the global generator) are those of `args.seed` on every run.
@@ -229,8 +222,8 @@ class DrPOTrainer(Trainer):
             self.generator, None if self.offline else args.ranking_vae, args.ranking_resolution
         )
         self.step_settings = args.step_settings
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._micro_step = [-1, 0]
+        self._metrics = StepMetrics()
+        self._noise = StepNoise(args.seed, self.accelerator.process_index)
         self._images_logged_step = -1
         self._base_eval: tuple[tuple[str, ...], dict[str, float]] | None = None
         if hasattr(self.model, "add_model_tags"):
@@ -248,21 +241,7 @@ class DrPOTrainer(Trainer):
         a `ValueError` naming the file, before anything is loaded.
         """
         weights = LORA_WEIGHT_NAME if self.args.use_lora else None
-        if resume_from_checkpoint is True:
-            folder, skipped = latest_complete_checkpoint(self.args.output_dir, weights)
-            for problem in skipped:
-                logger.warning("Not resuming from an incomplete checkpoint: %s.", problem)
-            if folder is None:
-                raise ValueError(
-                    f"No complete checkpoint to resume from in {self.args.output_dir}"
-                    + (f" ({'; '.join(skipped)})" if skipped else "")
-                    + ". Start without resume_from_checkpoint, or pass a checkpoint folder."
-                )
-            resume_from_checkpoint = folder
-        elif isinstance(resume_from_checkpoint, str):
-            problems = checkpoint_problems(resume_from_checkpoint, weights)
-            if problems:
-                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {'; '.join(problems)}.")
+        resume_from_checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir, weights, logger)
         self._follow_pipeline_changes()  # before transformers moves the denoiser (only) back to the trainer's device
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
@@ -287,17 +266,6 @@ class DrPOTrainer(Trainer):
                 "CUDA_VISIBLE_DEVICES, or `use_cpu=True`)."
             )
         self.generator.upcast_trainable_parameters()
-
-    def _noise_generator(self) -> torch.Generator:
-        """A generator seeded by (seed, rank, update, micro-step): each rank samples its own noise, and a resumed
-        run draws exactly the noise the uninterrupted run would have."""
-        step = self.state.global_step
-        if self._micro_step[0] != step:
-            self._micro_step = [step, 0]
-        micro = self._micro_step[1]
-        self._micro_step[1] += 1
-        key = f"{self.args.seed}/{self.accelerator.process_index}/{step}/{micro}".encode()
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -337,15 +305,15 @@ class DrPOTrainer(Trainer):
             prompts,
             self.step_settings,
             hooks,
-            noise_generator=self._noise_generator(),
-            selection_generator=self._noise_generator(),
+            noise_generator=self._noise.next(self.state.global_step),
+            selection_generator=self._noise.next(self.state.global_step),
             accumulation_steps=accumulation,
             preference_latents=self._preference_latents(columns) if self.offline else None,
             decoder=self.ranking_decoder,
         )
         timings["step"] = time.perf_counter() - start
 
-        self._record_step(rollout.scores, rollout.targets, timings)
+        self._metrics.record_step(self.reward_funcs, rollout.scores, rollout.targets, timings)
         step = self.state.global_step
         logs_images = args.log_images_steps and step % args.log_images_steps == 0 and rollout.images is not None
         if logs_images and self._images_logged_step != step and self.is_world_process_zero():
@@ -359,39 +327,11 @@ class DrPOTrainer(Trainer):
         return loss
 
     # ------------------------------------------------------------------------------------------------------------
-    # Metrics and logging
+    # Logging
     # ------------------------------------------------------------------------------------------------------------
 
-    def _record_step(
-        self, scores: torch.Tensor | None, targets: list[DrPOTargets | None], timings: dict[str, float]
-    ) -> None:
-        metrics = self._metrics["train"]
-        if scores is not None:  # offline steps score nothing
-            combined = self.reward_funcs.combine(scores)
-            metrics["reward"].append(combined.mean().item())
-            metrics["reward_std"].append(combined.std().item() if combined.numel() > 1 else 0.0)
-            for name, values in zip(self.reward_funcs.names, scores):
-                metrics[f"rewards/{name}/mean"].append(values.mean().item())
-                metrics[f"rewards/{name}/std"].append(values.std().item() if values.numel() > 1 else 0.0)
-        used = [t for t in targets if t is not None]
-        metrics["frac_prompts_skipped"].append(1.0 - len(used) / len(targets))
-        for target in used:
-            for name, value in target.metrics.items():
-                metrics[f"drift/{name}"].append(value.mean().item())
-        for name, seconds in timings.items():
-            metrics[f"timing/{name}"].append(seconds)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        local = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
-        merged: dict[str, list[float]] = defaultdict(list)
-        for rank_metrics in gather_object([local]):
-            for key, value in rank_metrics.items():
-                merged[key].append(value)
-        prefix = "eval_" if mode == "eval" else ""
-        logs = {**logs, **{prefix + key: sum(values) / len(values) for key, values in sorted(merged.items())}}
-        self._metrics[mode].clear()
-        super().log(logs, start_time)
+        super().log(self._metrics.merged_into(logs), start_time)
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation
@@ -412,41 +352,24 @@ class DrPOTrainer(Trainer):
         Image ``(seed, i)`` uses the latent seed ``seed * 10**6 + i`` (the paper's protocol), so results are
         comparable across runs and checkpoints. ``adapter=False`` renders the base generator.
         """
-        return self._render_pairs(prompts, [(seed, i) for seed in seeds for i in range(len(prompts))], adapter)
+        return self._render_pairs(prompts, seed_major_pairs(seeds, len(prompts)), adapter)
 
     def _render_pairs(self, prompts: Sequence[str], pairs: Sequence[tuple[int, int]], adapter: bool) -> torch.Tensor:
         """Images for ``(seed, prompt index)`` pairs, in order (see :meth:`render`)."""
-        gen = self.generator
-        embeds = gen.encode_prompts(list(prompts))
-        noise = torch.cat(
-            [gen.make_noise(1, torch.Generator().manual_seed(evaluation_seed(seed, i))) for seed, i in pairs]
-        )
-        ids = torch.tensor([i for _, i in pairs])
-        chunk = self.args.decode_chunk_size or len(ids)
-        images = []
-        for begin in range(0, len(ids), chunk):
-            sub = ids[begin : begin + chunk]
-            with self.compute_loss_context_manager():
-                sampler = gen.sample if adapter else gen.reference
-                latents = sampler(embeds.select(sub), noise[begin : begin + chunk])
-            images.append(gen.decode(latents, chunk_size=self.args.decode_chunk_size))
-        return torch.cat(images)
+        chunk_size, autocast = self.args.decode_chunk_size, self.compute_loss_context_manager
+        return render_pairs(self.generator, prompts, pairs, adapter, chunk_size, autocast)
 
     def _score(self, prompts: Sequence[str], adapter: bool) -> dict[str, float]:
         # Each process renders and scores its own share of the (seed, prompt) pairs; the scores are gathered in
         # order, so every process reports the same means as a single process would.
-        pairs = [(seed, i) for seed in self.args.eval_seeds for i in range(len(prompts))]
+        pairs = seed_major_pairs(self.args.eval_seeds, len(prompts))
         with self.accelerator.split_between_processes(pairs) as mine:
             rows: list[list[float]] = []
             if mine:
                 images = self._render_pairs(prompts, mine, adapter)
                 scores = self.reward_funcs(images, [prompts[i] for _, i in mine])
                 rows = scores.T.tolist()
-        scores = torch.tensor(gather_object(rows)).T
-        out = {"reward": self.reward_funcs.combine(scores).mean().item()}
-        for name, values in zip(self.reward_funcs.names, scores):
-            out[f"rewards/{name}/mean"] = values.mean().item()
-        return out
+        return reward_means(self.reward_funcs, torch.tensor(gather_object(rows)).T)
 
     def evaluate(
         self,
@@ -511,7 +434,7 @@ class DrPOTrainer(Trainer):
             reward_names=self.reward_funcs.names if self.reward_funcs else [],
             reward_weights=self.reward_funcs.weights if self.reward_funcs else [],
             tags=self._tag_names,
-            eval_metrics=self._last_eval_metrics(),
+            eval_metrics=last_eval_metrics(self.state.log_history),
             repo_id=getattr(self, "hub_model_id", None),  # the full "user/name" once push_to_hub created the repo
             call_kwargs=self._served_call_kwargs(),
             example_prompt=self._first_train_prompt(),
@@ -532,12 +455,6 @@ class DrPOTrainer(Trainer):
         if self.args.resolution is None:
             return dict(self.generator.call_kwargs)
         return self.generator.pipeline_call_kwargs()
-
-    def _last_eval_metrics(self) -> dict[str, float]:
-        for entry in reversed(self.state.log_history):
-            if any(key.startswith("eval_") for key in entry):
-                return {key: value for key, value in entry.items() if key.startswith("eval_")}
-        return {}
 
     def create_model_card(
         self,

@@ -9,11 +9,13 @@ The step has two phases (docs/method.md §4):
   rollout's own graph (one graph over all K) or by regenerating the candidates chunk by chunk with gradient.
 
 Everything a caller varies comes in through `StepHooks` (timing meters, autocast, the backward call, gradient
-synchronisation, activation accounting), so the trainer and the benchmarks run this very code.
+synchronisation, activation accounting), so the trainer and the benchmarks run this very code. `StepNoise` gives each
+micro-step its noise, seeded so that a resumed run draws what the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -175,6 +177,29 @@ def call_generator(seed: int | None) -> torch.Generator | None:
     and consistency schedulers): every call of a step gets one seeded alike, drawn from the step's noise generator, so
     runs and resumed runs are exact and the global RNG is never drawn from."""
     return None if seed is None else torch.Generator().manual_seed(seed)
+
+
+class StepNoise:
+    """The noise and selection generators of a run's micro-steps, each seeded by (seed, rank, update, draw): each rank
+    samples its own noise, and a resumed run draws exactly what the uninterrupted run would have, since the draws
+    are counted from 0 again at every update.
+
+    Args:
+        seed: the run's seed (`DrPOConfig.seed`).
+        rank: the process index.
+    """
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.seed, self.rank = seed, rank
+        self._step, self._draws = -1, 0
+
+    def next(self, step: int) -> torch.Generator:
+        """A fresh CPU generator for the next draw of update `step` (the trainer's `global_step`)."""
+        if self._step != step:
+            self._step, self._draws = step, 0
+        key = f"{self.seed}/{self.rank}/{step}/{self._draws}".encode()
+        self._draws += 1
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
 
 def rollout(

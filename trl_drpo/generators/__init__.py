@@ -14,6 +14,9 @@ latents), decoding, the denoiser's inputs for the `denoiser` feature map. Famili
 - `sd3.py`: `StableDiffusion3Pipeline`; `flux.py`: `FluxPipeline`; `pixart.py`: `PixArtAlphaPipeline`,
   `PixArtSigmaPipeline`; `sana.py`: `SanaSprintPipeline`.
 
+What every family shares sits beside `base.py`: the LoRA adapter on the denoiser (`adapters.py`) and the VAE's side,
+latent scaling and the fp32 copy of a half-precision VAE (`vae.py`).
+
 :meth:`OneStepGenerator.from_pipeline` looks the pipeline's class up in the registry; a pipeline outside it is
 served by :class:`OneStepGenerator` itself when its call takes `latents` and `output_type`. Add a family by
 subclassing and decorating with :func:`register_generator`::

@@ -4,7 +4,6 @@ registry of pipeline families."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..scoring import to_pil
+from .adapters import adapters_disabled, inject_lora, lora_config, tuner_layers, upcast_half_parameters
 from .call import (
     check_call_kwargs,
     encode_kwargs,
@@ -24,6 +24,7 @@ from .call import (
     unwrap_module,
 )
 from .embeds import PromptEmbeds
+from .vae import decode_pixels, encode_pixels, fp32_vae
 
 
 logger = logging.getLogger(__name__)
@@ -192,16 +193,7 @@ class OneStepGenerator:
     @property
     def has_adapter(self) -> bool:
         """Whether a PEFT adapter (e.g. LoRA) is injected into the denoiser."""
-        return bool(self._tuner_layers())
-
-    def _tuner_layers(self, denoiser: nn.Module | None = None) -> list[nn.Module]:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        denoiser = self.unwrapped_denoiser if denoiser is None else denoiser
-        return [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
-
-    def _adapters_enabled(self, denoiser: nn.Module) -> bool:
-        return any(not layer.disable_adapters for layer in self._tuner_layers(denoiser))
+        return bool(tuner_layers(self.unwrapped_denoiser))
 
     def pipeline_call_kwargs(self, resolution: int | None = None) -> dict[str, Any]:
         """The keyword arguments of `pipe(prompt, **kwargs)` that serve what is trained: :attr:`call_kwargs` with
@@ -328,20 +320,14 @@ class OneStepGenerator:
         That is the frozen reference set by :meth:`set_reference_denoiser` if any; otherwise the unwrapped denoiser
         with its adapter layers disabled for the duration (re-enabled on exit only if they were enabled on entry), or
         the unwrapped denoiser itself when no adapter is injected. No copy of the model is made. The PEFT layers are
-        switched directly, which serves denoisers with diffusers' adapter methods and PEFT-injected ones alike.
+        switched directly (`trl_drpo.generators.adapters.adapters_disabled`).
         """
         if self._reference_denoiser is not None:
             yield self._reference_denoiser
             return
         denoiser = self.unwrapped_denoiser
-        enabled = [layer for layer in self._tuner_layers() if not layer.disable_adapters]
-        for layer in enabled:
-            layer.enable_adapters(False)
-        try:
+        with adapters_disabled(denoiser):
             yield denoiser
-        finally:
-            for layer in enabled:
-                layer.enable_adapters(True)
 
     @torch.no_grad()
     def reference(self, embeds: PromptEmbeds, noise: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -422,19 +408,9 @@ class OneStepGenerator:
             The trainable parameters (the LoRA weights), as :meth:`trainable_parameters` does.
         """
         if config is None:
-            from peft import LoraConfig
-
-            targets = list(target_modules) if target_modules else list(self.lora_target_modules)
-            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, **lora_kwargs)
-        denoiser = self.unwrapped_denoiser
-        denoiser.requires_grad_(False)
-        if hasattr(denoiser, "add_adapter"):
-            denoiser.add_adapter(config, adapter_name=adapter_name)
-        else:
-            from peft import inject_adapter_in_model
-
-            inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
-            denoiser.peft_config = {**getattr(denoiser, "peft_config", {}), adapter_name: config}
+            targets = target_modules or self.lora_target_modules
+            config = lora_config(rank, alpha, targets, dropout, **lora_kwargs)
+        inject_lora(self.unwrapped_denoiser, config, adapter_name)
         if upcast_to_fp32:
             self.upcast_trainable_parameters()
         return self.trainable_parameters()
@@ -448,11 +424,7 @@ class OneStepGenerator:
         `Parameter` objects, so an optimizer holding them keeps them. A half-precision cast of the pipeline
         (`pipe.to(torch.bfloat16)`) reaches the LoRA weights too; training them in half precision would lose small
         updates to rounding."""
-        for param in self.trainable_parameters():
-            if param.dtype in (torch.float16, torch.bfloat16):
-                param.data = param.data.float()
-                if param.grad is not None:
-                    param.grad = param.grad.float()
+        upcast_half_parameters(self.trainable_parameters())
 
     # ---------------------------------------------------------------------------------------------------- decoding
 
@@ -460,43 +432,10 @@ class OneStepGenerator:
         return False
 
     def _decoding_vae(self) -> nn.Module:
-        if not self._needs_vae_upcast():
-            return self.vae
-        # The pipeline upcasts its fp16 VAE in place for the call; we keep a frozen fp32 copy instead, because
-        # flipping the dtype of shared weights between a forward and its backward would corrupt the gradient.
-        device = next(self.vae.parameters()).device
-        if self._vae_fp32 is None:
-            self._vae_fp32 = copy.deepcopy(self.vae).to(torch.float32).eval().requires_grad_(False)
-        if next(self._vae_fp32.parameters()).device != device:  # follow the pipeline when it is moved
-            self._vae_fp32.to(device)
-        return self._vae_fp32
-
-    def _latent_statistics(self, latents: Tensor) -> tuple[Tensor, Tensor] | None:
-        # The per-channel mean/std some VAEs declare (the SDXL pipeline applies them), shaped to broadcast.
-        config = self.vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is None or std is None:
-            return None
-        shape = (1, latents.shape[1], 1, 1)
-        return tuple(torch.tensor(v).view(shape).to(latents.device, latents.dtype) for v in (mean, std))
-
-    def _unscale_latents(self, latents: Tensor) -> Tensor:
-        # Denoiser space -> VAE space, in the pipelines' own order of operations: statistics (SDXL), else divide by
-        # the scaling factor and add the shift factor (SD3, Flux).
-        statistics = self._latent_statistics(latents)
-        if statistics is not None:
-            return latents * statistics[1] / self.vae.config.scaling_factor + statistics[0]
-        latents = latents / self.vae.config.scaling_factor
-        shift = getattr(self.vae.config, "shift_factor", None)
-        return latents if shift is None else latents + shift
-
-    def _scale_latents(self, latents: Tensor) -> Tensor:
-        # VAE space -> denoiser space (the inverse of `_unscale_latents`).
-        statistics = self._latent_statistics(latents)
-        if statistics is not None:
-            return (latents - statistics[0]) * self.vae.config.scaling_factor / statistics[1]
-        shift = getattr(self.vae.config, "shift_factor", None)
-        return (latents if shift is None else latents - shift) * self.vae.config.scaling_factor
+        if self._needs_vae_upcast():
+            self._vae_fp32 = fp32_vae(self.vae, self._vae_fp32)
+            return self._vae_fp32
+        return self.vae
 
     def pack_latents(self, latents: Tensor) -> Tensor:
         """`(B, C, h, w)` VAE-grid latents in the layout the call's `latents=` takes (identity unless the family
@@ -521,17 +460,11 @@ class OneStepGenerator:
         pixels = self.pipeline.image_processor.preprocess(
             images, height=self.resolution, width=self.resolution, resize_mode="crop"
         )
-        vae = self._decoding_vae()
-        param = next(vae.parameters())
-        encoded = vae.encode(pixels.to(device=param.device, dtype=param.dtype))
-        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latent
-        return self.pack_latents(self._scale_latents(latents)).to(device=self.device, dtype=self.dtype)
+        latents = encode_pixels(self._decoding_vae(), pixels)
+        return self.pack_latents(latents).to(device=self.device, dtype=self.dtype)
 
     def _decode_chunk(self, latents: Tensor, watermark: bool) -> Tensor:
-        vae = self._decoding_vae()
-        param = next(vae.parameters())
-        latents = self.unpack_latents(latents).to(device=param.device, dtype=param.dtype)
-        image = vae.decode(self._unscale_latents(latents), return_dict=False)[0]
+        image = decode_pixels(self._decoding_vae(), self.unpack_latents(latents))
         marker = getattr(self.pipeline, "watermark", None)
         if watermark and marker is not None:
             image = marker.apply_watermark(image)
