@@ -21,6 +21,7 @@ def seed_major_pairs(seeds: Iterable[int], num_prompts: int) -> list[tuple[int, 
     return [(seed, i) for seed in seeds for i in range(num_prompts)]
 
 
+@torch.no_grad()  # images only: a graph through the denoiser would cost memory for nothing
 def render_pairs(
     generator: OneStepGenerator,
     prompts: Sequence[str],
