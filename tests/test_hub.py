@@ -14,7 +14,8 @@ import torch
 from huggingface_hub import ModelCard
 
 from trl_drpo import DrPOConfig, DrPOTrainer
-from trl_drpo.hub import LORA_WEIGHT_NAME, render_model_card
+from trl_drpo.hub import LORA_WEIGHT_NAME
+from trl_drpo.model_card import render_model_card
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline
 
 from fake_hub import FakeHub, git_blob_sha1
@@ -298,7 +299,7 @@ PUSH_SCRIPT = """
 import sys, torch
 from safetensors.torch import save_file
 from trl_drpo import DrPOConfig, DrPOTrainer
-from trl_drpo.hub import save_sample_grid
+from trl_drpo.model_card import save_sample_grid
 from kit import mean_brightness, tiny_drpo_config
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline
 

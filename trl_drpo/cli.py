@@ -299,7 +299,7 @@ def train(script_args: TrainScriptArguments, config: DrPOConfig) -> DrPOTrainer:
     held-out prompts, write the sample grid, the adapter and the model card to ``config.output_dir``, and push to the
     Hub when ``config.push_to_hub``. Returns the trainer."""
     from .drpo_trainer import DrPOTrainer
-    from .hub import save_sample_grid
+    from .model_card import save_sample_grid
     from .prompts import held_out_prompts
     from .rewards import load_rewards
 

@@ -27,15 +27,14 @@ from .hub import (
     CONFIG_NAME,
     LORA_WEIGHT_NAME,
     CheckpointPushCallback,
-    check_card_is_ours,
     load_adapter,
     load_denoiser,
     public_config_json,
-    render_model_card,
     save_adapter,
     upload_model_files,
 )
 from .metrics import StepMetrics
+from .model_card import check_card_is_ours, first_prompt, trained_call_kwargs, write_model_card
 from .preferences import (
     PreferenceLatents,
     is_preference_dataset,
@@ -427,8 +426,8 @@ class DrPOTrainer(Trainer):
             load_denoiser(denoiser, resume_from_checkpoint, self.generator.denoiser_name)
 
     def _write_model_card(self, output_dir: str, **kwargs: Any) -> None:
-        check_card_is_ours(output_dir)
-        card = render_model_card(
+        write_model_card(
+            output_dir,
             pipeline=self.generator.pipeline,
             args=self.args,
             reward_names=self.reward_funcs.names if self.reward_funcs else [],
@@ -436,25 +435,10 @@ class DrPOTrainer(Trainer):
             tags=self._tag_names,
             eval_metrics=last_eval_metrics(self.state.log_history),
             repo_id=getattr(self, "hub_model_id", None),  # the full "user/name" once push_to_hub created the repo
-            call_kwargs=self._served_call_kwargs(),
-            example_prompt=self._first_train_prompt(),
+            call_kwargs=trained_call_kwargs(self.generator, self.args.resolution),
+            example_prompt=first_prompt(self.train_dataset, self.args.prompt_column),
             **kwargs,
         )
-        card.save(os.path.join(output_dir, "README.md"))
-
-    def _first_train_prompt(self) -> str | None:
-        """The card's quick-start prompt when there are no evaluation prompts: a prompt the adapter was trained for
-        says more than a generic one. None for an iterable or prompt-less dataset."""
-        try:
-            return str(self.train_dataset[0][self.args.prompt_column])
-        except (TypeError, KeyError, IndexError, NotImplementedError):  # iterable or prompt-less datasets
-            return None
-
-    def _served_call_kwargs(self) -> dict[str, Any]:
-        """The call settings the adapter was trained for (the image size only when `resolution` chose it)."""
-        if self.args.resolution is None:
-            return dict(self.generator.call_kwargs)
-        return self.generator.pipeline_call_kwargs()
 
     def create_model_card(
         self,
