@@ -39,8 +39,9 @@ import os
 from trl import TrlParser
 
 from trl_drpo import DrPOConfig, DrPOTrainer
-from trl_drpo.cli import TrainScriptArguments, load_pipeline, resolve_dtype
+from trl_drpo.cli_arguments import TrainScriptArguments
 from trl_drpo.drpo_config import PRESETS
+from trl_drpo.loading import load_pipeline, resolve_dtype
 from trl_drpo.model_card import save_sample_grid
 from trl_drpo.prompts import held_out_prompts
 from trl_drpo.rewards import load_rewards

@@ -21,8 +21,17 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .cli_arguments import (
+    EvaluateArguments,
+    GenerationArguments,
+    ModelArguments,
+    SampleArguments,
+    TrainScriptArguments,
+    make_train_parser,
+)
+from .loading import BUILTIN_MODELS, load_pipeline, resolve_dtype
 
 
 if TYPE_CHECKING:
@@ -32,180 +41,34 @@ if TYPE_CHECKING:
     from .drpo_trainer import DrPOTrainer
 
 
-BUILTIN_MODELS = {
-    "trl-drpo/tiny-sd": "trl_drpo.tiny_pipelines:tiny_sd_pipeline",
-    "trl-drpo/tiny-sdxl": "trl_drpo.tiny_pipelines:tiny_sdxl_pipeline",
-    "trl-drpo/tiny-flux": "trl_drpo.tiny_pipelines:tiny_flux_pipeline",
-    "trl-drpo/tiny-sana": "trl_drpo.tiny_pipelines:tiny_sana_sprint_pipeline",
-    "trl-drpo/digits": "trl_drpo.worlds.digits:load_pipeline",
-}
-"""Model names served offline by the package: the tiny random pipelines of `trl_drpo.tiny_pipelines` (tests and CPU
-smoke runs) and the digit world's pretrained base (`trl_drpo.worlds.digits`). Values: the builders' import paths."""
+# The options (`trl_drpo.cli_arguments`) and pipeline loading (`trl_drpo.loading`) were first defined here: scripts
+# written against earlier versions still import them from this module.
+__all__ = [
+    "BUILTIN_MODELS",
+    "COMMANDS",
+    "SAMPLE_GRID_NAME",
+    "EvaluateArguments",
+    "GenerationArguments",
+    "ModelArguments",
+    "SampleArguments",
+    "TrainScriptArguments",
+    "evaluate",
+    "load_pipeline",
+    "main",
+    "make_train_parser",
+    "read_prompts",
+    "render_images",
+    "resolve_dtype",
+    "sample",
+    "train",
+]
 
 SAMPLE_GRID_NAME = "samples.png"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelArguments:
-    """Which pipeline to load and how."""
-
-    model_name_or_path: str = field(
-        default="stabilityai/sd-turbo",
-        metadata={
-            "help": "Hub id or local folder of a diffusers pipeline; trl-drpo/tiny-sd, tiny-sdxl, tiny-flux or "
-            "tiny-sana for the tiny random ones, trl-drpo/digits for the digit world's pretrained base."
-        },
-    )
-    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
-    variant: str | None = field(default=None, metadata={"help": "Weights variant to load, e.g. fp16."})
-    torch_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "Dtype of the pipeline's weights: auto, float32, float16 or bfloat16. For training, auto follows "
-            "the mixed precision (fp16/bf16 flags), else float32; for sampling, float16 on GPU and float32 on CPU."
-        },
-    )
-
-
-@dataclass
-class TrainScriptArguments(ModelArguments):
-    """Arguments of `trl-drpo train` and the example scripts besides `DrPOConfig`."""
-
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["pickscore"],
-        metadata={
-            "help": "Rewards by registered name (see trl_drpo.rewards.available_rewards()) or 'module:attribute'; "
-            "weigh them with --reward_weights. 'none' trains offline DrPO on the preference pairs (prompt, chosen, "
-            "rejected) of --dataset_name."
-        },
-    )
-    eval_dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Held-out prompts for evaluate() (Hub dataset id or local file); else --eval_prompts."},
-    )
-    eval_dataset_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name."})
-    max_eval_prompts: int | None = field(default=None, metadata={"help": "Use at most this many eval prompts."})
-    sample_prompts: list[str] | None = field(
-        default=None,
-        metadata={"help": "Prompts of the model card's sample grid; defaults to the first 4 evaluation prompts."},
-    )
-
-
-@dataclass
-class GenerationArguments(ModelArguments):
-    """Arguments shared by `sample` and `evaluate`: model, adapter, prompts, seeds, device."""
-
-    adapter: str | None = field(
-        default=None,
-        metadata={"help": "DrPO/diffusers LoRA adapter: a local folder or .safetensors file, or a Hub repo id."},
-    )
-    adapter_weight_name: str | None = field(
-        default=None, metadata={"help": "File name of the adapter inside its folder or repo, if ambiguous."}
-    )
-    prompts: list[str] | None = field(default=None, metadata={"help": "Prompts to render."})
-    prompts_file: str | None = field(
-        default=None,
-        metadata={"help": "Prompts from a file (.txt one per line, .json/.jsonl/.csv/.parquet) or a Hub dataset id."},
-    )
-    prompt_column: str = field(default="prompt", metadata={"help": "Column of prompts_file holding the prompts."})
-    prompts_split: str = field(default="test", metadata={"help": "Split of prompts_file when it is a Hub dataset."})
-    max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many prompts."})
-    seeds: list[int] = field(
-        default_factory=lambda: [1234, 1235], metadata={"help": "Seeds; every prompt is rendered once per seed."}
-    )
-    resolution: int | None = field(default=None, metadata={"help": "Image side in pixels; default: the model's."})
-    pipeline_call_kwargs: str | None = field(
-        default=None,
-        metadata={
-            "help": "Settings of the pipeline call as JSON (the training run's `pipeline_call_kwargs`); default: the "
-            "family's one-step settings."
-        },
-    )
-    batch_size: int = field(default=8, metadata={"help": "Images per pipeline call."})
-    device: str | None = field(default=None, metadata={"help": "Device; default: cuda if available, else cpu."})
-
-
-@dataclass
-class SampleArguments(GenerationArguments):
-    """Arguments of `trl-drpo sample`."""
-
-    output_dir: str = field(default="drpo-samples", metadata={"help": "Folder for the PNGs and manifest.json."})
-    compare: bool = field(
-        default=False,
-        metadata={"help": "Also render the base model with the same noise (base/) and write a comparison grid."},
-    )
-
-
-@dataclass
-class EvaluateArguments(GenerationArguments):
-    """Arguments of `trl-drpo evaluate`."""
-
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["pickscore"],
-        metadata={"help": "Rewards by registered name or 'module:attribute'."},
-    )
-    reward_weights: list[float] | None = field(
-        default=None, metadata={"help": "One weight per reward for the weighted mean 'reward'; default equal."}
-    )
-    output_file: str = field(default="drpo-eval.json", metadata={"help": "Where to write the results (JSON)."})
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Building blocks (used by the example scripts too)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def resolve_dtype(
-    name: str | None, *, fp16: bool = False, bf16: bool = False, device: str | None = None
-) -> torch.dtype:
-    """A `torch.dtype` from a name; ``"auto"`` gives the mixed-precision dtype when `fp16` / `bf16` is set, else
-    float16 on a CUDA `device` (for inference) and float32 otherwise."""
-    import torch
-
-    name = (name or "auto").lower().removeprefix("torch.")
-    if name == "auto":
-        if fp16:
-            return torch.float16
-        if bf16:
-            return torch.bfloat16
-        return torch.float16 if device is not None and str(device).startswith("cuda") else torch.float32
-    from .devices import parse_dtype
-
-    try:
-        return parse_dtype(name)
-    except ValueError:
-        raise ValueError(f"Unknown torch_dtype {name!r}: use auto, float32, float16 or bfloat16.") from None
-
-
-def load_pipeline(
-    model_name_or_path: str,
-    torch_dtype: torch.dtype | None = None,
-    variant: str | None = None,
-    revision: str | None = None,
-) -> Any:
-    """Load a diffusers text-to-image pipeline from a Hub id or a local folder, or the offline one a name of
-    `BUILTIN_MODELS` selects. The progress bar is disabled: DrPO pipelines run a single step."""
-    if model_name_or_path in BUILTIN_MODELS:
-        import importlib
-
-        import torch
-
-        module, builder = BUILTIN_MODELS[model_name_or_path].split(":")
-        pipe = getattr(importlib.import_module(module), builder)()  # float32 weights
-        return pipe.to(dtype=torch_dtype) if torch_dtype not in (None, torch.float32) else pipe
-    from diffusers import DiffusionPipeline
-
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
-    if variant:
-        kwargs["variant"] = variant
-    pipe = DiffusionPipeline.from_pretrained(model_name_or_path, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def read_prompts(
@@ -454,15 +317,6 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def make_train_parser(prog: str | None = None) -> Any:
-    """The `TrlParser` of `train` and the example scripts: `TrainScriptArguments` + `DrPOConfig`, with ``--config``."""
-    from trl import TrlParser
-
-    from .drpo_config import DrPOConfig
-
-    return TrlParser((TrainScriptArguments, DrPOConfig), prog=prog)
 
 
 def _train_command(argv: list[str]) -> None:
