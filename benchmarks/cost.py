@@ -486,7 +486,7 @@ def gpu_real_size(
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        return {"skipped": "no CUDA device on this machine: real-size wall-clock and GPU memory were not measured"}
+        return {"skipped": "run without a CUDA device: real-size wall-clock and GPU memory were not measured"}
     rows = []
     for pipeline in pipelines:
         generator = build_generator(pipeline, device, dtype, tiny=tiny)

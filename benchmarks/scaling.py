@@ -332,7 +332,7 @@ def memory_vs_k_gpu(
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        return {"skipped": "no CUDA device on this machine: real-size GPU memory vs K was not measured"}
+        return {"skipped": "run without a CUDA device: real-size GPU memory vs K was not measured"}
     generator = build_generator(pipeline, device, dtype, tiny=tiny)
     fmap = build_feature_map("denoiser", generator)
     rows = []

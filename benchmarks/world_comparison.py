@@ -285,7 +285,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def render_markdown(results: dict[str, Any]) -> str:
     """The tables recorded in benchmarks/README.md."""
     runs, settings = results["methods"], results["settings"]
-    lines = [
+    smoke = ["**A `--quick` smoke run: toy sizes and seconds of training, not a measurement.**", ""]
+    lines = (smoke if settings.get("quick") else []) + [
         f"Held-out captions and seeds ({settings['held_out_images']} images), pass rates in % as verifier / judge, "
         f"after {settings['budget']:.0f} s of training each (evaluation excluded); trained captions on unseen seeds "
         f"({settings['trained_images']} images) and the surrogate's mean soft score (held-out) beside them:",
@@ -328,7 +329,7 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: str) -> None:
     """Held-out (left) and trained-caption (right) verifier mean against training seconds, one line per method; the
-    judge dotted; best-of-K of the base dashed."""
+    judge dotted; best-of-K of the base dashed. Lines of methods that score alike overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,8 +346,10 @@ def plot(results: dict[str, Any], path: str) -> None:
             ax.plot(xs, [mean_of(r, split, "judge") for r in run["history"]], ":", color=color)
         best = results.get("best_of_k")
         if best is not None:
-            ax.axhline(mean_of(best, split), color="gray", linestyle="--", label="best-of-K (base)")
-        ax.set_title(f"Digit world, {title}")
+            label = f"best-of-{results['settings']['num_generations']} (base)"
+            ax.axhline(mean_of(best, split), color="gray", linestyle="--", label=label)
+        smoke = " (--quick smoke run)" if results["settings"].get("quick") else ""
+        ax.set_title(f"Digit world, {title}{smoke}")
         ax.set_xlabel("training wall-clock (s, evaluation excluded)")
         ax.set_ylabel("mean pass rate of the six categories (%)")
         ax.grid(alpha=0.3)

@@ -32,8 +32,14 @@ def test_drift_and_ranking_import_without_diffusers_or_transformers():
 
 @pytest.mark.parametrize(
     "code",
-    ["from trl_drpo import DrPOTrainer", "from trl_drpo.worlds import digits; digits.load_pipeline()"],
-    ids=["the trainer", "the digit world's base"],
+    [
+        "from trl_drpo import DrPOTrainer",
+        "from trl_drpo.worlds import digits; digits.load_pipeline()",
+        "from trl_drpo import DrPOConfig; from trl_drpo.model_card import render_model_card; "
+        "from trl_drpo.worlds import digits; "
+        "render_model_card(digits.load_pipeline(), DrPOConfig(output_dir='card', report_to='none'), ['r'], [1.0], [])",
+    ],
+    ids=["the trainer", "the digit world's base", "a model card"],
 )
 def test_importing_logs_no_warning_about_image_processors_it_does_not_use(code):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -167,6 +167,7 @@ def test_the_documented_toy_command_runs_as_written_and_writes_its_tables_and_pl
     assert len(written["targets"]) == 4 and all(isinstance(t["met"], bool) for t in written["targets"])
     markdown = (out / "world_comparison.md").read_text()
     assert all(f"| {name} |" in markdown for name in world_comparison.METHODS)
+    assert markdown.startswith("**A `--quick` smoke run")
     assert (out / "world_comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -134,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from . import load_pipeline
 
-    parser = argparse.ArgumentParser(description="Held-out verifier and judge accuracy of the digit world's base.")
+    parser = argparse.ArgumentParser(
+        prog="python -m trl_drpo.worlds.digits.evaluation",
+        description="Held-out verifier and judge accuracy of the digit world's base and, with --lora, of the base "
+        "with that adapter.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--lora", help="A folder holding a DrPO adapter (pytorch_lora_weights.safetensors).")
     parser.add_argument("--per_category", type=int, default=60, help="Held-out (caption, seed) pairs per category.")
     parser.add_argument("--output_file", help="Write the tables here as JSON.")
@@ -145,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.lora:
         pipe.load_lora_weights(args.lora)
         rows["tuned"] = evaluate_pipeline(pipe, cases)
+    print(f"Pass rates (%) on {len(cases)} held-out captions x seeds, verifier / judge:\n")
     print(table_markdown(rows))
     if args.output_file:
         with open(args.output_file, "w", encoding="utf-8") as handle:
