@@ -48,7 +48,7 @@ if __name__ == "__main__":
         best_of=script_args.best_of_k,
     )
     trainer.save_model(config.output_dir)
-    trainer.create_model_card()
+    trainer.create_model_card(eval_description=report["card_eval_description"])
 
     report["settings"] = {k: v for k, v in config.to_dict().items() if k in PRESETS["digits"] or k == "max_steps"}
     with open(os.path.join(config.output_dir, "digits_report.json"), "w", encoding="utf-8") as handle:

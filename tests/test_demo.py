@@ -37,6 +37,8 @@ def test_demo_writes_adapter_card_grid_curve_and_metrics(demo_run):
     card = ModelCard.load(out / "README.md")
     assert card.data.to_dict()["library_name"] == "diffusers"
     assert "![samples](samples.png)" in card.text
+    assert "| verifier/mean_of_six |" in card.text and "| judge/mean_of_six |" in card.text
+    assert "Pass rates (%) of the digit world's verifier" in card.text  # not the trainer's mean rewards
 
 
 @pytest.mark.slow

@@ -108,6 +108,12 @@ def test_card_reports_base_and_tuned_rewards_with_the_change(tmp_path):
     assert "runtime" not in text
 
 
+def test_card_introduces_an_evaluation_of_the_users_own_with_its_description(tmp_path):
+    text = str(render(tmp_path, eval_description="Pass rates (%) on 360 held-out captions:"))
+    assert "Pass rates (%) on 360 held-out captions:" in text and "seeds [7, 8]" not in text
+    assert "| pickscore | 21 | 21.5 | +0.5 |" in text
+
+
 def test_card_without_an_evaluation_has_no_evaluation_section(tmp_path):
     assert "## Evaluation" not in str(render(tmp_path, eval_metrics={}))
 

@@ -93,7 +93,9 @@ def run_demo(output_dir: str = "drpo-demo", max_steps: int = 60, **overrides: An
     plt.close(fig)
 
     trainer.save_model(output_dir)
-    trainer.create_model_card(sample_grid="samples.png", output_dir=output_dir)
+    trainer.create_model_card(
+        sample_grid="samples.png", output_dir=output_dir, eval_description=report["card_eval_description"]
+    )
     metrics = _metrics(report)
     with open(os.path.join(output_dir, "eval_metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=2)

@@ -447,11 +447,14 @@ class DrPOTrainer(Trainer):
         tags: str | list[str] | None = None,
         sample_grid: str | None = None,
         output_dir: str | None = None,
+        eval_description: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Write the DrPO model card (diffusers LoRA metadata, rewards, hyperparameters, base-vs-tuned rewards of
         the last evaluation, an optional sample grid path relative to the card) to ``output_dir/README.md``
-        (default `args.output_dir`). `push_to_hub` calls it; the card never holds a token."""
+        (default `args.output_dir`). `eval_description` introduces the evaluation table when its metrics come from an
+        evaluation of your own logged as `eval_<name>` / `eval_base_<name>` (None: this trainer's `evaluate`).
+        `push_to_hub` calls it; the card never holds a token."""
         if not self.is_world_process_zero():
             return
         extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
@@ -461,6 +464,7 @@ class DrPOTrainer(Trainer):
             dataset_name=dataset_name,
             extra_tags=extra_tags,
             sample_grid=sample_grid,
+            eval_description=eval_description,
         )
 
     def push_to_hub(

@@ -182,6 +182,7 @@ def render_model_card(
     repo_id: str | None = None,
     call_kwargs: dict[str, Any] | None = None,
     example_prompt: str | None = None,
+    eval_description: str | None = None,
 ) -> ModelCard:
     """Render the DrPO model card (a `huggingface_hub.ModelCard`) from the template in ``model_cards/``.
 
@@ -197,6 +198,8 @@ def render_model_card(
             `model_name`, then the name of `args.output_dir`.
         call_kwargs: the keyword arguments of the trained call, for the quick start
             (`OneStepGenerator.pipeline_call_kwargs`); default `num_inference_steps=1, guidance_scale=0.0`.
+        eval_description: the sentence introducing the evaluation table, for metrics that are not the trainer's own
+            evaluation (e.g. the digit world's pass rates); None describes `DrPOTrainer.evaluate`'s mean rewards.
         example_prompt: the quick start's prompt when `args.eval_prompts` is empty (whose first prompt it is
             otherwise).
 
@@ -258,6 +261,7 @@ def render_model_card(
         rewards=[(name, weight / total) for name, weight in zip(reward_names, reward_weights)],
         metrics=metrics,
         eval_seeds=list(getattr(args, "eval_seeds", []) or []),
+        eval_description=eval_description,
         # A local prompt file is named, not located: its path says nothing to readers and may be private.
         dataset=dataset if _hub_id_or_none(dataset) or not dataset else os.path.basename(os.path.normpath(dataset)),
         dataset_url=f"https://huggingface.co/datasets/{_hub_id_or_none(dataset)}"

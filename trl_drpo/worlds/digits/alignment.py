@@ -18,7 +18,7 @@ from typing import Any
 from transformers import ProgressCallback, TrainerCallback
 
 from . import load_pipeline, reward_fn
-from .evaluation import best_of_k, eval_cases, evaluate_pipeline, table_markdown
+from .evaluation import as_eval_metrics, best_of_k, eval_cases, evaluate_pipeline, table_markdown
 from .grammar import balanced_prompts
 
 
@@ -98,6 +98,8 @@ def align(
         trainer.add_callback(progress_bar)
     trainer.train()
     rows["DrPO"] = accuracy.history[-1]
+    # Logged as an evaluation, so that the model card shows the held-out tables as base against tuned.
+    trainer.log(as_eval_metrics(rows["base"], rows["DrPO"]))
     report = {
         "base": rows["base"],
         "tuned": {"verifier": rows["DrPO"]["verifier"], "judge": rows["DrPO"]["judge"]},
@@ -106,6 +108,8 @@ def align(
         "steps": trainer.state.global_step,
         "eval_images": len(cases),
         "table": table_markdown(rows),
+        "card_eval_description": f"Pass rates (%) of the digit world's verifier and of its independent judge on "
+        f"{len(cases)} held-out captions x seeds (`python -m trl_drpo.worlds.digits.evaluation`):",
     }
     if best_of:
         report["best_of_k"] = rows[f"best-of-{config.num_generations} (base)"]

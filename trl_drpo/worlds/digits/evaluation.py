@@ -86,6 +86,20 @@ def diversity(pipe: Any, items: Sequence[dict[str, Any]], seeds: Sequence[int]) 
     return {"generated": float(np.mean(generated)), "ground_truth": float(np.mean(truth))}
 
 
+def as_eval_metrics(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, float]:
+    """Two `evaluate_pipeline` results as the evaluation keys a `DrPOTrainer` log and model card read as base against
+    tuned: `eval_<scorer>/<category>` (tuned) and `eval_base_<scorer>/<category>` (base), pass rates in %, for the
+    verifier and the judge, the six categories and `mean_of_six`."""
+    out: dict[str, float] = {}
+    for scorer in ("verifier", "judge"):
+        for key in (*CATEGORIES, "overall"):
+            name = f"{scorer}/{'mean_of_six' if key == 'overall' else key}"
+            if key in tuned[scorer] and key in base[scorer]:
+                out[f"eval_{name}"] = round(float(tuned[scorer][key]), 2)
+                out[f"eval_base_{name}"] = round(float(base[scorer][key]), 2)
+    return out
+
+
 def table_markdown(rows: dict[str, dict[str, Any]]) -> str:
     """A GenEval-like markdown table: one row per `{name: evaluate_pipeline(...)}` entry, verifier / judge pass
     rates (%) per category and their mean, then the mean score and per-check rates of the verifier."""
