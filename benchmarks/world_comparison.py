@@ -27,10 +27,8 @@ Writes `world_comparison.json` (every record and setting), `world_comparison.md`
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,9 +38,9 @@ import torch
 from trl_drpo import DrPOConfig
 from trl_drpo.features.base import build_feature_map
 from trl_drpo.generators import OneStepGenerator
-from trl_drpo.step import micro_step
+from trl_drpo.step import StepNoise, micro_step
 from trl_drpo.worlds import digits
-from trl_drpo.worlds.digits.evaluation import best_of_k, eval_cases, evaluate_pipeline, generate
+from trl_drpo.worlds.digits.evaluation import best_of_k, eval_cases, evaluate_pipeline, generate, score_tables
 from trl_drpo.worlds.digits.grammar import CATEGORIES, balanced_prompts
 
 from .common import COMPONENTS, Meter, benchmark_step, machine_info, markdown_table
@@ -79,17 +77,11 @@ def verifier_rank(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     return torch.tensor([r["score"] for r in digits.verify(images, list(prompts))])
 
 
-def noise_generator(seed: int, update: int, stream: str = "noise") -> torch.Generator:
-    """A generator seeded by (seed, update, stream): every method draws the same noise at the same update."""
-    key = hashlib.sha256(f"{seed}/{update}/{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-
-
-def config_for(method: str, output_dir: str, args: argparse.Namespace) -> DrPOConfig:
+def config_for(method: str, args: argparse.Namespace) -> DrPOConfig:
+    """The method's settings: the "digits" preset with the comparison's numbers (nothing is written to disk)."""
     overrides = dict(METHODS[method].get("overrides", {}))
     return DrPOConfig.from_preset(
         "digits",
-        output_dir=output_dir,
         report_to="none",
         seed=args.seed,
         learning_rate=args.learning_rate,
@@ -111,13 +103,7 @@ def build_method(
     pipe = digits.load_pipeline()
     generator = OneStepGenerator.from_pipeline(pipe, resolution=config.resolution)
     set_seed(config.seed)  # the LoRA's initial weights: the same draw for every method
-    generator.add_lora(
-        rank=config.lora_rank,
-        alpha=config.lora_alpha,
-        target_modules=config.lora_target_modules,
-        dropout=config.lora_dropout,
-        init_lora_weights=True if config.lora_init == "default" else config.lora_init,
-    )
+    generator.add_lora(**config.lora_settings)
     kind = METHODS[method]["kind"]
     baseline = BaselineSettings(
         num_generations=config.num_generations, num_positives=config.num_positives, num_negatives=config.num_negatives
@@ -161,19 +147,18 @@ class Evaluator:
         images = generate(pipe, captions, [seed for _, seed in self.held_out])
         with torch.no_grad():
             surrogate = float(self.surrogate(images, captions).mean())
-        held_out = {
-            "verifier": digits.summarize(digits.verify(images, captions)),
-            "judge": digits.summarize(digits.verify(images, captions, judge=True)),
+        return {
+            "held_out": score_tables(images, captions),
+            "trained": evaluate_pipeline(pipe, self.trained),
+            "surrogate": surrogate,
         }
-        return {"held_out": held_out, "trained": evaluate_pipeline(pipe, self.trained), "surrogate": surrogate}
 
 
 def run_method(
     method: str, args: argparse.Namespace, train_prompts: list[str], evaluate: Evaluator, base_record: dict[str, Any]
 ) -> dict[str, Any]:
     """Train `method` for `args.budget` seconds of training wall-clock, evaluating every `args.eval_every` seconds."""
-    with tempfile.TemporaryDirectory() as output_dir:
-        config = config_for(method, output_dir, args)
+    config = config_for(method, args)
     pipe, generator, update = build_method(method, config, evaluate.surrogate)
     params = generator.trainable_parameters()
     optimizer = torch.optim.AdamW(
@@ -185,13 +170,14 @@ def run_method(
     )
     meter = Meter()
     history = [{"train_seconds": 0.0, "updates": 0, **base_record}]
+    noise = StepNoise(args.seed, rank=0)  # the first draw of each update: the same noise for every method
     order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     b, seconds, updates, next_eval = args.prompts_per_update, 0.0, 0, args.eval_every
     while seconds < args.budget:
         batch = [train_prompts[order[(updates * b + i) % len(order)]] for i in range(b)]
         tick = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        update(batch, meter, noise_generator(args.seed, updates))
+        update(batch, meter, noise.next(updates))
         with meter("optimizer"):
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()

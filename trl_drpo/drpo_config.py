@@ -473,6 +473,18 @@ class DrPOConfig(TrainingArguments):
         return self.step_settings.one_graph
 
     @property
+    def lora_settings(self) -> dict[str, Any]:
+        """`OneStepGenerator.add_lora`'s keyword arguments for the LoRA fields (`lora_init="default"` is PEFT's
+        `init_lora_weights=True`)."""
+        return {
+            "rank": self.lora_rank,
+            "alpha": self.lora_alpha,
+            "target_modules": self.lora_target_modules,
+            "dropout": self.lora_dropout,
+            "init_lora_weights": True if self.lora_init == "default" else self.lora_init,
+        }
+
+    @property
     def step_settings(self) -> StepSettings:
         """The numbers of one micro-step as `trl_drpo.step` takes them."""
         from .step import StepSettings  # the step module imports diffusers; the config stays light to import

@@ -163,13 +163,7 @@ class DrPOTrainer(Trainer):
             # weights (PEFT draws them from the global generator) are those of `args.seed` on every run.
             set_seed(args.seed)
             if peft_config is None:
-                self.generator.add_lora(
-                    rank=args.lora_rank,
-                    alpha=args.lora_alpha,
-                    target_modules=args.lora_target_modules,
-                    dropout=args.lora_dropout,
-                    init_lora_weights=True if args.lora_init == "default" else args.lora_init,
-                )
+                self.generator.add_lora(**args.lora_settings)
             else:
                 self.generator.add_lora(config=peft_config)
         else:

@@ -45,11 +45,16 @@ def generate(pipe: Any, captions: Sequence[str], seeds: Sequence[int], batch_siz
     return torch.cat(images)
 
 
-def evaluate_pipeline(pipe: Any, cases: Sequence[tuple[dict[str, Any], int]]) -> dict[str, Any]:
-    """Per-category tables (`summarize`) of the verifier and the judge for `pipe` on `cases`."""
-    captions = [item["prompt"] for item, _ in cases]
-    images = generate(pipe, captions, [seed for _, seed in cases])
+def score_tables(images: torch.Tensor, captions: Sequence[str]) -> dict[str, Any]:
+    """Per-category tables (`summarize`) of the verifier and the judge for `images` `(N, 3, H, W)` in [0, 1] and
+    their captions: `{"verifier": table, "judge": table}`."""
     return {"verifier": summarize(verify(images, captions)), "judge": summarize(verify(images, captions, judge=True))}
+
+
+def evaluate_pipeline(pipe: Any, cases: Sequence[tuple[dict[str, Any], int]]) -> dict[str, Any]:
+    """Per-category tables (`score_tables`) of the verifier and the judge for `pipe` on `cases`."""
+    captions = [item["prompt"] for item, _ in cases]
+    return score_tables(generate(pipe, captions, [seed for _, seed in cases]), captions)
 
 
 def best_of_k(pipe: Any, cases: Sequence[tuple[dict[str, Any], int]], k: int) -> dict[str, Any]:
@@ -61,7 +66,7 @@ def best_of_k(pipe: Any, cases: Sequence[tuple[dict[str, Any], int]], k: int) ->
     images = generate(pipe, repeated, seeds)
     scores = torch.tensor([r["score"] for r in verify(images, repeated)]).view(len(cases), k)
     best = images.view(len(cases), k, *images.shape[1:])[torch.arange(len(cases)), scores.argmax(dim=1)]
-    return {"verifier": summarize(verify(best, captions)), "judge": summarize(verify(best, captions, judge=True))}
+    return score_tables(best, captions)
 
 
 def diversity(pipe: Any, items: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, float]:
