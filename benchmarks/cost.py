@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from trl_drpo.drift import DriftHyperparams
 from trl_drpo.features import LatentMAEResNet, build_feature_map
 from trl_drpo.generators import OneStepGenerator
+from trl_drpo.objective import DriftHyperparams
 from trl_drpo.ranking_decoder import RankingDecoder
 from trl_drpo.step import StepSettings, micro_step
 

@@ -26,9 +26,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from trl_drpo import step as drpo_step
-from trl_drpo.drift import DriftHyperparams, drpo_targets
 from trl_drpo.features import build_feature_map
 from trl_drpo.generators import OneStepGenerator
+from trl_drpo.objective import DriftHyperparams, drpo_targets
 
 from .common import (
     CPUPeakMemory,

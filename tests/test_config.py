@@ -35,6 +35,11 @@ def test_the_objective_gets_the_anchor_copy_mask_setting(tmp_path):
     assert make(tmp_path).step_settings.drift.mask_anchor_copies is False
 
 
+def test_the_objective_gets_the_token_matching_setting(tmp_path):
+    assert make(tmp_path).step_settings.drift.token_matching == "pooled"  # the authors' one set per prompt
+    assert make(tmp_path, token_matching="positional").step_settings.drift.token_matching == "positional"
+
+
 def test_sdxl_preset_reproduces_the_teacher_script(tmp_path):
     config = DrPOConfig.from_preset("sdxl_turbo_paper", output_dir=str(tmp_path), bf16=False)
     assert (config.num_generations, config.learning_rate, config.max_steps) == (16, 1e-5, 5000)
@@ -88,6 +93,7 @@ def test_every_preset_builds(tmp_path):
         (dict(num_generations=1), "num_generations must be >= 2"),
         (dict(num_positives=20), "exceeds num_generations"),
         (dict(anchor_selection="best"), "anchor_selection must be one of"),
+        (dict(token_matching="nearest"), "token_matching must be one of"),
         (dict(kernel="cauchy"), "Unknown drift kernel"),
         (dict(preference_radii=[]), "preference_radii must be a non-empty list"),
         (dict(reference_radii=[0.1, -1.0]), "reference_radii must be a non-empty list of positive numbers"),

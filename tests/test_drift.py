@@ -12,15 +12,8 @@ import math
 import pytest
 import torch
 
-from trl_drpo.drift import (
-    DriftHyperparams,
-    canonical_kernel,
-    drift_field,
-    drift_loss,
-    drpo_loss,
-    drpo_targets,
-    drpo_targets_from_anchors,
-)
+from trl_drpo.drift import canonical_kernel, drift_field, drift_loss
+from trl_drpo.objective import DriftHyperparams, drpo_loss, drpo_targets, drpo_targets_from_anchors
 
 
 RADII = (0.02, 0.05, 0.2)
@@ -754,3 +747,76 @@ def test_targets_from_anchors_use_each_prompts_own_candidates_and_skip_prompts_w
             for (w, got), (w_expected, want) in zip(targets[b].terms[key], expected.terms[key]):
                 assert w == w_expected
                 torch.testing.assert_close(got.goal, want.goal)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token matching: one kernel set per prompt (the authors') or one per token position (docs/method.md §8)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_positional_matching_with_one_token_per_image_equals_pooled_matching():
+    features = {"a": torch.randn(2, 8, 1, 5, generator=torch.Generator().manual_seed(40))}
+    reference = {"a": features["a"] + 0.2}
+    pos, neg = {"a": features["a"][:, :3]}, {"a": features["a"][:, -3:]}
+    pooled = drpo_targets(features, pos, neg, reference, DriftHyperparams())
+    positional = drpo_targets(features, pos, neg, reference, DriftHyperparams(token_matching="positional"))
+    torch.testing.assert_close(positional.loss(features), pooled.loss(features))
+
+
+def test_positional_matching_computes_each_token_position_as_its_own_set():
+    features = {"a": torch.randn(1, 6, 3, 4, generator=torch.Generator().manual_seed(41))}
+    pos, neg = {"a": features["a"][:, :2]}, {"a": features["a"][:, -2:]}
+    params = DriftHyperparams(reference_loss_weight=0.0, token_matching="positional")
+    (term,) = [target for _, target in drpo_targets(features, pos, neg, None, params).terms["a"]]
+    for t in range(3):
+        alone = drpo_targets(
+            {"a": features["a"][:, :, t : t + 1]},
+            {"a": pos["a"][:, :, t : t + 1]},
+            {"a": neg["a"][:, :, t : t + 1]},
+            None,
+            DriftHyperparams(reference_loss_weight=0.0),
+        )
+        torch.testing.assert_close(term.goal[t], alone.terms["a"][0][1].goal[0])
+
+
+def test_positional_matching_pulls_a_token_towards_the_same_position_of_the_winners():
+    # Two positions whose tokens live far apart: under pooled matching the position-0 token of the loser is pulled
+    # by the winners' position-1 tokens too; under positional matching only by their position-0 tokens.
+    g = torch.Generator().manual_seed(42)
+    winners = torch.stack([torch.randn(2, 3, generator=g) * 0.1, 5.0 + torch.randn(2, 3, generator=g) * 0.1], dim=1)
+    loser = torch.tensor([[[2.0, 2.0, 2.0], [3.0, 3.0, 3.0]]])
+    features = {"a": torch.cat([winners, loser]).unsqueeze(0)}
+    pos, neg = {"a": features["a"][:, :2]}, {"a": features["a"][:, 2:]}
+    loss = {}
+    for matching in ("pooled", "positional"):
+        params = DriftHyperparams(reference_loss_weight=0.0, token_matching=matching, preference_radii=(0.5,))
+        x = features["a"].clone().requires_grad_(True)
+        drpo_targets(features, pos, neg, None, params).loss({"a": x}).sum().backward()
+        loss[matching] = -x.grad[0, 2]  # the direction the loser's tokens are moved, (tokens, dim)
+    towards_own_position = (winners[:, 0].mean(0) - loser[0, 0]) @ loss["positional"][0]
+    assert towards_own_position > 0
+    assert (loss["positional"][0] - loss["pooled"][0]).abs().max() > 1e-3
+
+
+def test_positional_matching_chunks_and_masks_anchor_copies_like_one_pass():
+    from trl_drpo.ranking import AnchorSelection
+
+    features = {"a": torch.randn(1, 6, 4, 3, generator=torch.Generator().manual_seed(43), requires_grad=True)}
+    selection = AnchorSelection(torch.tensor([0, 3]), torch.tensor([5]))
+    params = DriftHyperparams(reference_loss_weight=0.0, mask_anchor_copies=True, token_matching="positional")
+    (targets,) = drpo_targets_from_anchors({"a": features["a"].detach()}, None, [selection], params)
+    whole = targets.loss(features)
+    chunked = targets.loss({"a": features["a"][:, :4]}, 0) + targets.loss({"a": features["a"][:, 4:]}, 4)
+    torch.testing.assert_close(chunked, whole)
+    unmasked = drpo_targets_from_anchors(
+        {"a": features["a"].detach()},
+        None,
+        [selection],
+        DriftHyperparams(reference_loss_weight=0.0, token_matching="positional"),
+    )[0]
+    assert (unmasked.terms["a"][0][1].goal - targets.terms["a"][0][1].goal).abs().max() > 1e-3
+
+
+def test_unknown_token_matching_is_rejected():
+    with pytest.raises(ValueError, match="token_matching"):
+        DriftHyperparams(token_matching="nearest")

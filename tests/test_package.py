@@ -21,9 +21,9 @@ def test_unknown_attribute_is_an_attribute_error():
         trl_drpo.DrPOTrainr  # noqa: B018
 
 
-def test_drift_and_ranking_import_without_diffusers_or_transformers():
+def test_drift_objective_and_ranking_import_without_diffusers_or_transformers():
     code = (
-        "import sys, trl_drpo.drift, trl_drpo.ranking; "
+        "import sys, trl_drpo.drift, trl_drpo.objective, trl_drpo.ranking; "
         "print(sorted(m for m in ('diffusers', 'transformers', 'peft') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from trl_drpo.drift import DriftHyperparams, drpo_targets
+from trl_drpo.objective import DriftHyperparams, drpo_targets
 from trl_drpo.ranking import top_bottom_k
 
 

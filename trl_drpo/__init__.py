@@ -18,8 +18,8 @@ _EXPORTS = {
     "build_feature_map": "features",
     "register_feature_map": "features",
     "drift_loss": "drift",
-    "drpo_loss": "drift",
-    "drpo_targets": "drift",
+    "drpo_loss": "objective",
+    "drpo_targets": "objective",
     "mean_split": "ranking",
     "reward_ensemble": "ranking",
     "select_anchors": "ranking",
@@ -46,11 +46,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .drift import drift_loss, drpo_loss, drpo_targets
+    from .drift import drift_loss
     from .drpo_config import DrPOConfig
     from .drpo_trainer import DrPOTrainer
     from .features import build_feature_map, register_feature_map
     from .generators import OneStepGenerator, register_generator
+    from .objective import drpo_loss, drpo_targets
     from .ranking import mean_split, reward_ensemble, select_anchors, threshold_split, top_bottom_k
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainingArguments
 
-from .drift import DriftHyperparams, canonical_kernel
+from .drift import canonical_kernel
+from .objective import TOKEN_MATCHING, DriftHyperparams
 from .ranking import SELECTION_RULES
 
 
@@ -53,28 +55,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "resolution": 512,
         "bf16": True,
     },
-    # The paper's SD-Turbo recipe ranked for less (benchmarks/README.md, "Ranking for less"): a TAESD decode
-    # (`AutoencoderTiny`, about 1/18 of the SD VAE's FLOPs) at 224 px for the rewards, the latent-MAE features, and no
-    # reference term, so that no reference rollout or reference features run at all. What it trades: rankings made on
-    # a cheaper image (they can disagree with full-size ones where the reward looks at fine detail), and no reference
-    # term to hold the generator near its base. The latent-MAE checkpoint is the user's to give, as in
-    # "sd_turbo_paper". For another pipeline family, override ranking_vae (madebyollin/taesdxl for SDXL-Turbo) and
-    # the features.
-    "fast": {
-        "num_generations": 24,
-        "num_positives": 8,
-        "num_negatives": 8,
-        "learning_rate": 1e-4,
-        "max_steps": 1000,
-        "gradient_accumulation_steps": 8,
-        "feature_map": "latent_mae",
-        "feature_aggregation": "sum",
-        "reference_loss_weight": 0.0,
-        "ranking_vae": "madebyollin/taesd",
-        "ranking_resolution": 224,
-        "resolution": 512,
-        "fp16": True,
-    },
     # The digit world (trl_drpo.worlds.digits) on a CPU: 4 prompts x 16 candidates per update, 4/4 anchors (the
     # paper's third of K) and the paper's anchor weights. Measured on this world (benchmarks/README.md): one token per
     # latent position (pool_size 1) moved a single caption where pooled features did not, and lr 1e-3 with a reference
@@ -96,6 +76,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "logging_steps": 5,
         "save_strategy": "no",
     },
+}
+
+# The paper's SD-Turbo recipe ranked for less (benchmarks/README.md, "Ranking for less"): a TAESD decode
+# (`AutoencoderTiny`, about 1/18 of the SD VAE's FLOPs) at 224 px for the rewards, the latent-MAE features, and no
+# reference term, so that no reference rollout or reference features run at all. What it trades: rankings made on
+# a cheaper image (they can disagree with full-size ones where the reward looks at fine detail), and no reference
+# term to hold the generator near its base. The latent-MAE checkpoint is the user's to give, as in
+# "sd_turbo_paper". For another pipeline family, override ranking_vae (madebyollin/taesdxl for SDXL-Turbo) and
+# the features.
+PRESETS["fast"] = {
+    **PRESETS["sd_turbo_paper"],
+    "reference_loss_weight": 0.0,
+    "ranking_vae": "madebyollin/taesd",
+    "ranking_resolution": 224,
 }
 
 # FLUX.1-schnell and SANA-Sprint: the paper has no recipe for them, so these are ours (examples/configs/
@@ -222,6 +216,12 @@ class DrPOConfig(TrainingArguments):
             away from the negatives at full strength (docs/method.md §2). `True` leaves it pulled by the other
             positives and pushed by the negatives with their natural masses, which keeps winning candidates where
             they are; the digit-world preset sets it.
+        token_matching (`str`, *optional*, defaults to `"pooled"`):
+            How the tokens of a feature key meet in the kernel: `"pooled"` (the authors') puts every token of every
+            candidate of a prompt in one set; `"positional"` makes one set per token position, so a token is pulled
+            and pushed only by the same position of the anchors (docs/method.md §8). Positional matching suits
+            feature maps whose tokens are spatial positions (`spatial_tokens=True`), when what the reward checks is
+            where things are.
 
         > Parameters that control the feature space
 
@@ -354,6 +354,9 @@ class DrPOConfig(TrainingArguments):
     mask_anchor_copies: bool = field(
         default=False, metadata={"help": "Mask each candidate's own copy among the preference anchors."}
     )
+    token_matching: str = field(
+        default="pooled", metadata={"help": "Kernel sets of tokens: pooled (one per prompt) or positional."}
+    )
 
     feature_map: str = field(default="denoiser", metadata={"help": "Frozen feature map phi."})
     feature_keys: list[str] | None = field(default=None, metadata={"help": "Feature keys; None = map defaults."})
@@ -395,6 +398,8 @@ class DrPOConfig(TrainingArguments):
             fail(f"num_generations must be >= 2 to rank candidates, got {self.num_generations}.")
         if self.anchor_selection not in SELECTION_RULES:
             fail(f"anchor_selection must be one of {SELECTION_RULES}, got {self.anchor_selection!r}.")
+        if self.token_matching not in TOKEN_MATCHING:
+            fail(f"token_matching must be one of {TOKEN_MATCHING}, got {self.token_matching!r}.")
         if self.num_positives < 1 or self.num_negatives < 0:
             fail("num_positives must be >= 1 and num_negatives >= 0.")
         if self.anchor_selection == "topk" and self.num_positives + self.num_negatives > self.num_generations:
@@ -484,38 +489,22 @@ class DrPOConfig(TrainingArguments):
             "init_lora_weights": True if self.lora_init == "default" else self.lora_init,
         }
 
+    def _settings(self, cls: type, **renamed: Any) -> Any:
+        # The settings dataclasses of the pure modules use the config's field names; `renamed` supplies the rest.
+        names = {f.name for f in dataclasses.fields(cls) if f.init} - set(renamed)
+        return cls(**{name: getattr(self, name) for name in names if hasattr(self, name)}, **renamed)
+
     @property
     def step_settings(self) -> StepSettings:
         """The numbers of one micro-step as `trl_drpo.step` takes them."""
         from .step import StepSettings  # the step module imports diffusers; the config stays light to import
 
-        return StepSettings(
-            num_generations=self.num_generations,
-            num_positives=self.num_positives,
-            num_negatives=self.num_negatives,
-            anchor_selection=self.anchor_selection,
-            selection_threshold=self.selection_threshold,
-            candidate_chunk_size=self.candidate_chunk_size,
-            decode_chunk_size=self.decode_chunk_size,
-            drift=self.drift_hyperparams,
-        )
+        return self._settings(StepSettings, drift=self.drift_hyperparams)
 
     @property
     def drift_hyperparams(self) -> DriftHyperparams:
         """The numbers of the DrPO objective as the pure-math module takes them."""
-        return DriftHyperparams(
-            positive_weight=self.positive_weight,
-            negative_weight=self.negative_weight,
-            reference_weight=self.reference_weight,
-            reference_negative_weight=self.reference_negative_weight,
-            reference_loss_weight=self.reference_loss_weight,
-            preference_radii=tuple(float(r) for r in self.preference_radii),
-            reference_radii=tuple(float(r) for r in self.reference_radii),
-            kernel=self.kernel,
-            aggregation=self.feature_aggregation,
-            drift_step=self.drift_step,
-            mask_anchor_copies=self.mask_anchor_copies,
-        )
+        return self._settings(DriftHyperparams, aggregation=self.feature_aggregation)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DrPOConfig:

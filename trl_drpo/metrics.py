@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from accelerate.utils import gather_object
 
-from .drift import DrPOTargets
+from .objective import DrPOTargets
 from .scoring import RewardFunctions
 
 

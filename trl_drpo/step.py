@@ -24,9 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .drift import DriftHyperparams, DrPOTargets, drpo_targets_from_anchors, drpo_targets_per_prompt, regression_loss
 from .features import FeatureMap
 from .generators import OneStepGenerator, PromptEmbeds, map_rows
+from .objective import (
+    DriftHyperparams,
+    DrPOTargets,
+    drpo_targets_from_anchors,
+    drpo_targets_per_prompt,
+    regression_loss,
+)
 from .ranking import AnchorSelection, select_anchors
 from .ranking_decoder import RankingDecoder
 
@@ -71,7 +77,7 @@ class StepSettings:
         candidate_chunk_size: candidates per prompt in one graph; None means all K (one graph, reused by the
             gradient pass).
         decode_chunk_size: candidates per VAE decode call; None means one chunk of candidates.
-        drift: the objective's numbers (`trl_drpo.drift.DriftHyperparams`).
+        drift: the objective's numbers (`trl_drpo.objective.DriftHyperparams`).
         reuse_rollout_graph: with one chunk, let the gradient pass reuse the rollout's graph (False regenerates the
             candidates, which isolates the gradient pass for memory measurements).
     """
