@@ -25,6 +25,7 @@ to ``benchmarks/digits_taesd/`` (safetensors); the measurement loads it with `ra
     python -m benchmarks.rank_agreement --distil   # ~8 min on 2 CPU cores, then the measurement
     python -m benchmarks.rank_agreement            # the measurement (~1 min); writes results/rank_agreement.json
     python -m benchmarks.rank_agreement --end_effect  # ... and DrPO trained with either ranking (~5 min)
+    python -m benchmarks.rank_agreement --held_out_effect  # ... and the preset with either ranking, held out (~15 min)
 """
 
 from __future__ import annotations
@@ -270,6 +271,21 @@ def measure(per_category: int = 16, tiny_dir: str = TINY_DECODER_DIR, seed: int 
     }
 
 
+def quiet_preset(output_dir: str, steps: int, **overrides: Any) -> Any:
+    """The "digits" preset for `steps` updates into `output_dir`, logging once, with no reports and no progress bar."""
+    from trl_drpo import DrPOConfig
+
+    return DrPOConfig.from_preset(
+        "digits",
+        output_dir=output_dir,
+        max_steps=steps,
+        logging_steps=steps,
+        report_to="none",
+        disable_tqdm=True,
+        **overrides,
+    )
+
+
 END_EFFECT_RECIPE = {  # the recipe that moves fixed captions (benchmarks/README.md, "Overfitting a few captions")
     "per_device_train_batch_size": 1,
     "learning_rate": 3e-3,
@@ -286,7 +302,7 @@ def end_effect(
     captions (32 fixed seeds each) after `steps` updates of the recipe above, one run per training seed."""
     import tempfile
 
-    from trl_drpo import DrPOConfig, DrPOTrainer
+    from trl_drpo import DrPOTrainer
     from trl_drpo.worlds.digits.evaluation import generate
 
     captions = [item["prompt"] for item in digits.prompts("train", "position")][::7][:4]
@@ -302,21 +318,29 @@ def end_effect(
         for seed in seeds:
             pipe = digits.load_pipeline()
             with tempfile.TemporaryDirectory() as output_dir:
-                config = DrPOConfig.from_preset(
-                    "digits",
-                    output_dir=output_dir,
-                    max_steps=steps,
-                    logging_steps=steps,
-                    report_to="none",
-                    disable_tqdm=True,
-                    seed=seed,
-                    ranking_vae=ranking_vae,
-                    **END_EFFECT_RECIPE,
-                )
+                config = quiet_preset(output_dir, steps, seed=seed, ranking_vae=ranking_vae, **END_EFFECT_RECIPE)
                 tick = time.perf_counter()
                 DrPOTrainer(pipe, digits.reward_fn("score"), config, train_dataset=captions).train()
                 runs.append({"seed": seed, "pass_rate": pass_rate(pipe), "seconds": round(time.perf_counter() - tick)})
         out[name] = runs
+    return out
+
+
+def held_out_effect(steps: int = 300, tiny_dir: str = TINY_DECODER_DIR) -> dict[str, Any]:
+    """What DrPO does to the world's held-out captions with the full vs the tiny-decoder ranking: the "digits"
+    preset as shipped, `steps` updates over the train captions from the same seed, then the verifier's and the
+    judge's pass rates on the 360 held-out (caption, seed) pairs of `trl_drpo.worlds.digits.alignment.align`."""
+    import tempfile
+
+    from trl_drpo.worlds.digits.alignment import align
+
+    out: dict[str, Any] = {"steps": steps, "recipe": "digits preset"}
+    for name, ranking_vae in (("full", None), ("tiny decoder", tiny_dir)):
+        with tempfile.TemporaryDirectory() as output_dir:
+            config = quiet_preset(output_dir, steps, ranking_vae=ranking_vae)
+            _, report = align(config, eval_every=steps, best_of=False)
+        out.setdefault("base", {judge: report["base"][judge] for judge in ("verifier", "judge")})
+        out[name] = {**report["tuned"], "train_seconds": round(report["train_seconds"], 1)}
     return out
 
 
@@ -345,6 +369,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--distil_seconds", type=float, default=420.0)
     parser.add_argument("--per_category", type=int, default=16, help="held-out captions per category")
     parser.add_argument("--end_effect", action="store_true", help="also train DrPO with the full and the tiny ranking")
+    parser.add_argument(
+        "--held_out_effect",
+        action="store_true",
+        help="also train the digits preset with either ranking over the train captions and evaluate held-out captions",
+    )
     args = parser.parse_args(argv)
     start = time.time()
     distillation = None
@@ -357,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     distillation = distillation or previous.get("distillation")
     results = measure(args.per_category)
     results["end_effect"] = end_effect() if args.end_effect else previous.get("end_effect")
+    results["held_out_effect"] = held_out_effect() if args.held_out_effect else previous.get("held_out_effect")
     report = {
         "machine": machine_info(),
         "seconds": round(time.time() - start, 1),
@@ -368,8 +398,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with open(RESULTS, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=1)
     print(render_markdown(results))
-    if results["end_effect"]:
-        print(json.dumps(results["end_effect"]))
+    for part in ("end_effect", "held_out_effect"):
+        if results[part]:
+            print(json.dumps(results[part]))
 
 
 if __name__ == "__main__":
