@@ -200,8 +200,8 @@ def run_method(
     if METHODS[method]["family"] == "drpo":
         settings = drpo_config(method, k, chunk)
         scorer, hooks = benchmark_step(reward.ranking_fn(), meter)
-        args = (generator, generator.denoiser, features, scorer, [PROMPT], settings, hooks, noise)
-        return micro_step(*args, accumulation_steps=accumulation_steps, decoder=decoder)[0]
+        args = (generator, generator.denoiser, features, scorer, [PROMPT], settings, hooks, accumulation_steps)
+        return micro_step(*args, noise_generator=noise, decoder=decoder)[0]
     config = draft_config(method, k, chunk, accumulation_steps=accumulation_steps)
     return draft_step(generator, reward, [PROMPT], config, meter, noise)
 

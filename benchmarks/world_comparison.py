@@ -117,7 +117,17 @@ def build_method(
 
         def update(prompts: list[str], meter: Meter, noise: torch.Generator) -> None:
             scorer, hooks = benchmark_step(verifier_rank, meter)
-            micro_step(generator, generator.denoiser, features, scorer, prompts, settings, hooks, noise, noise)
+            micro_step(
+                generator,
+                generator.denoiser,
+                features,
+                scorer,
+                prompts,
+                settings,
+                hooks,
+                noise_generator=noise,
+                selection_generator=noise,
+            )
 
     elif kind == "draft":
         draft = DraftStepConfig(num_generations=config.num_generations, chunk_size=None)

@@ -391,29 +391,15 @@ def micro_step(
     prompts: Sequence[str],
     settings: StepSettings,
     hooks: StepHooks | None = None,
-    noise_generator: torch.Generator | None = None,
-    selection_generator: torch.Generator | None = None,
     accumulation_steps: int = 1,
-    preference_latents: tuple[Tensor, Tensor] | None = None,
-    decoder: Decoder | None = None,
+    **rollout_options: Any,
 ) -> tuple[Tensor, Rollout]:
     """One DrPO micro-step, both phases: gradients accumulate on the trainable parameters of `denoiser`.
 
-    Arguments as in `rollout` and `gradient_pass`. Returns `(loss, rollout)`: the detached loss and what the rollout
-    produced (images, scores, selections and targets, for logging).
+    Arguments as in `rollout` and `gradient_pass`; `rollout_options` are `rollout`'s keyword arguments
+    (`noise_generator`, `selection_generator`, `preference_latents`, `decoder`). Returns `(loss, rollout)`: the
+    detached loss and what the rollout produced (images, scores, selections and targets, for logging).
     """
-    result = rollout(
-        generator,
-        denoiser,
-        feature_map,
-        scorer,
-        prompts,
-        settings,
-        hooks,
-        noise_generator,
-        selection_generator,
-        preference_latents,
-        decoder,
-    )
+    result = rollout(generator, denoiser, feature_map, scorer, prompts, settings, hooks, **rollout_options)
     loss = gradient_pass(generator, denoiser, feature_map, result, settings, hooks, accumulation_steps)
     return loss, result
