@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from trl_drpo import DrPOTrainer
-from trl_drpo.checkpoints import checkpoint_problems, latest_complete_checkpoint
+from trl_drpo.checkpoints import STAGING_DIR, checkpoint_problems, latest_complete_checkpoint
 from trl_drpo.hub import LORA_WEIGHT_NAME
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline
 
@@ -81,3 +81,36 @@ def test_no_complete_checkpoint_at_all_is_a_clear_error(finished, tmp_path):
         os.remove(out / f"checkpoint-{step}" / "trainer_state.json")
     with pytest.raises(ValueError, match="No complete checkpoint to resume from"):
         run(out, 6, resume=True)
+
+
+def test_a_crash_while_a_checkpoint_is_written_leaves_no_checkpoint_folder(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    save_rng_state = DrPOTrainer._save_rng_state
+
+    def crash_at_step_four(self, output_dir):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt("killed while writing checkpoint-4")
+        save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(DrPOTrainer, "_save_rng_state", crash_at_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, 4)
+    assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint-")) == ["checkpoint-2"]
+
+    monkeypatch.setattr(DrPOTrainer, "_save_rng_state", save_rng_state)
+    trainer = run(out, 4, resume=True)  # from checkpoint-2; the staged leftovers of step 4 are replaced
+    assert trainer.state.global_step == 4
+    assert checkpoint_problems(str(out / "checkpoint-4"), LORA_WEIGHT_NAME) == []
+    assert not (out / STAGING_DIR).exists()
+
+
+def test_checkpoints_are_renamed_into_place_and_rotated_by_save_total_limit(tmp_path):
+    out = tmp_path / "out"
+    config = tiny_drpo_config(out, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=2)
+    DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS).train()
+    assert sorted(os.listdir(out / "checkpoint-6")) == sorted(os.listdir(out / "checkpoint-4"))
+    assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint-")) == [
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    assert not (out / STAGING_DIR).exists()

@@ -4,7 +4,8 @@ A `transformers.Trainer` writes a checkpoint's files one after the other; a run 
 that looks like the latest checkpoint but cannot be resumed. These checks read every file enough to know it is whole
 (JSON parsed, safetensors headers read, the zip archives `torch.save` writes verified by their CRCs) without loading
 any tensor, so resuming can skip an incomplete checkpoint or say which file is damaged (`resume_checkpoint`, which
-`DrPOTrainer.train` resumes through).
+`DrPOTrainer.train` resumes through). `DrPOTrainer` also writes each checkpoint in a hidden staging folder and renames
+it into place when it is complete (`publish_checkpoint`), so a crash while saving leaves no `checkpoint-N` behind.
 
 Weight files of any origin (reward models, feature maps) are read here too, the one place that loads a torch pickle:
 `read_weights_file` never executes pickled code.
@@ -17,6 +18,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -52,6 +54,23 @@ def checkpoint_problems(folder: str, weights_name: str | None = None) -> list[st
         if problem:
             problems.append(f"{path} is damaged ({problem})")
     return problems
+
+
+STAGING_DIR = ".drpo-staging"
+"""Hidden folder of `output_dir` in which a checkpoint is written before it is renamed into place."""
+
+
+def publish_checkpoint(staged: str, folder: str) -> None:
+    """Move the finished checkpoint `staged` to `folder` (a `checkpoint-N` path), replacing a checkpoint of the same
+    step already there; each move is a rename within `output_dir`, so `folder` is never seen half-written."""
+    if os.path.isdir(folder):
+        previous = staged + ".previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(folder, previous)
+        os.rename(staged, folder)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        os.rename(staged, folder)
 
 
 def _file_problem(path: str) -> str | None:

@@ -5,19 +5,20 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import HubStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints
 
-from .checkpoints import resume_checkpoint
+from .checkpoints import STAGING_DIR, publish_checkpoint, resume_checkpoint
 from .drpo_config import DrPOConfig
 from .evaluation import last_eval_metrics, render_pairs, reward_means, seed_major_pairs
 from .features import build_feature_map
@@ -411,6 +412,34 @@ class DrPOTrainer(Trainer):
         with open(os.path.join(output_dir, CONFIG_NAME), "w", encoding="utf-8") as handle:
             handle.write(public_config_json(self.args))
         self._write_model_card(output_dir)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        # transformers writes `checkpoint-N` file by file (adapter, optimizer, scheduler, RNG, trainer state), so a
+        # crash in between leaves a folder that looks like the newest checkpoint. No public hook says where a
+        # checkpoint is written: this override (and the `_get_output_dir` it shadows for the call) points
+        # transformers at a hidden staging folder, and the checkpoint is renamed into place once every process has
+        # written its part.
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(staging, name), ignore_errors=True)  # what an earlier crash left
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_checkpoint(os.path.join(staging, name), os.path.join(run_dir, name))
+            best = self.state.best_model_checkpoint
+            if best and os.path.dirname(best) == staging:
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+            with suppress(OSError):
+                os.rmdir(staging)  # only when empty
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
