@@ -41,10 +41,11 @@ def test_drift_objective_and_ranking_import_without_diffusers_or_transformers():
     ],
     ids=["the trainer", "the digit world's base", "a model card"],
 )
-def test_importing_logs_no_warning_about_image_processors_it_does_not_use(code):
+def test_importing_logs_no_warning_about_image_processors_or_kernels_it_does_not_use(code):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torchvision" not in result.stderr, result.stderr[-2000:]
+    assert "gemm_4bit_forward" not in result.stderr, result.stderr[-2000:]  # bitsandbytes' unused-kernel notice
 
 
 @pytest.mark.slow

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 
 __version__ = "0.1.0.dev0"
+
+
+class _UnusedKernelNotice(logging.Filter):
+    """Drops bitsandbytes' notice that an optional CPU 4-bit kernel package is missing. transformers' `Trainer` and
+    peft import bitsandbytes wherever it is installed (for `optim="adamw_bnb_8bit"`), and its CPU backend logs the
+    notice on import; DrPO uses no 4-bit kernel, so a user could not act on it. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in record.getMessage()
+
+
+# A filter applies only to the logger a record is made on, so it sits on the backend module's own logger.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_UnusedKernelNotice())
 
 # Public names -> the module that holds them. They are imported on first use, as in transformers and TRL, so that
 # `import trl_drpo.drift` or the CLI's `--help` does not pay for transformers' Trainer, diffusers and peft.
