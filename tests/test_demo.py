@@ -68,3 +68,17 @@ def test_demo_shows_a_progress_bar_and_prints_the_per_category_table(demo_run):
     for category in (*CATEGORIES[:5], "mean (6)"):
         assert re.search(rf"{re.escape(category)}\s+\d+\.\d -> +\d+\.\d", result.stdout), (category, result.stdout)
     assert "{'loss'" not in result.stdout + result.stderr, "no raw metric dicts on the console"
+
+
+@pytest.mark.slow
+def test_the_demo_cards_quick_start_loads_the_shipped_base_and_runs_as_written(demo_run):
+    out, _ = demo_run
+    text = (out / "README.md").read_text()
+    assert "a local folder" not in text and "path/to/" not in text
+    assert "`trl-drpo/digits` (the digit world's base, shipped with trl_drpo)" in text
+    assert "trl-drpo sample --model_name_or_path trl-drpo/digits --adapter out" in text
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert 'load_pipeline("trl-drpo/digits")' in code and 'pipe.load_lora_weights("out")' in code
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=out.parent, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -110,6 +110,16 @@ def base_model_id(pipeline: Any) -> str | None:
     return str(name) if name else None
 
 
+def builtin_base_name(base: str | None) -> str | None:
+    """The `trl_drpo.loading.BUILTIN_MODELS` name of a base the package ships (the digit world's), given the folder
+    the pipeline was loaded from; None for any other base."""
+    from .worlds.digits import BASE_DIR
+
+    if base and os.path.isdir(base) and os.path.samefile(base, BASE_DIR):
+        return "trl-drpo/digits"
+    return None
+
+
 _CARD_HYPERPARAMETERS = (
     "learning_rate",
     "lr_scheduler_type",
@@ -208,10 +218,13 @@ def render_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     base = base_model_id(pipeline)
+    builtin_base = builtin_base_name(base)
     base_hub_id = _hub_id_or_none(base)
-    local_base = base is not None and base_hub_id is None
+    local_base = base is not None and base_hub_id is None and builtin_base is None
     if local_base:
         base = public_name(base)  # a pipeline loaded from a local folder: name it, never locate it
+    elif builtin_base:
+        base = builtin_base
     repo_id = repo_id or args.hub_model_id or model_name or Path(args.output_dir).name
     dataset = dataset_name or getattr(args, "dataset_name", None)
     total = sum(reward_weights) or 1.0
@@ -246,7 +259,15 @@ def render_model_card(
         repo_id=repo_id,
         # A local base is named in the text; the quick start shows where its folder goes, not where it was.
         base_model_id=(f"path/to/{base}" if local_base else base) or "<base model id or path>",
-        base_model_display=(f"{base} (a local folder)" if local_base else base) or "a one-step text-to-image pipeline",
+        base_model_display=(
+            f"{base} (a local folder)"
+            if local_base
+            else f"`{base}` (the digit world's base, shipped with trl_drpo)"
+            if builtin_base
+            else base
+        )
+        or "a one-step text-to-image pipeline",
+        builtin_base=builtin_base,
         example_prompt=(list(getattr(args, "eval_prompts", None) or []) or [example_prompt or "a photo of a cat"])[0],
         call_arguments=", ".join(
             f"{key}={value!r}"
