@@ -10,17 +10,30 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0.dev0"
 
 
-class _UnusedKernelNotice(logging.Filter):
-    """Drops bitsandbytes' notice that an optional CPU 4-bit kernel package is missing. transformers' `Trainer` and
-    peft import bitsandbytes wherever it is installed (for `optim="adamw_bnb_8bit"`), and its CPU backend logs the
-    notice on import; DrPO uses no 4-bit kernel, so a user could not act on it. Every other record passes."""
+class _Unactionable(logging.Filter):
+    """Drops the one notice of a library's logger that a DrPO user cannot act on; every other record passes.
+
+    - bitsandbytes' CPU backend, on import, that an optional 4-bit kernel package is missing: transformers' `Trainer`
+      and peft import bitsandbytes wherever it is installed (for `optim="adamw_bnb_8bit"`), and DrPO uses no 4-bit
+      kernel.
+    - diffusers' LoRA loader, on every `load_lora_weights` of a DrPO adapter, that the text encoder got no LoRA keys:
+      DrPO adapters hold the denoiser's only, and diffusers' own message calls it safe to ignore.
+    """
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "gemm_4bit_forward" not in record.getMessage()
+        message = record.getMessage()
+        return not all(fragment in message for fragment in self.fragments)
 
 
-# A filter applies only to the logger a record is made on, so it sits on the backend module's own logger.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_UnusedKernelNotice())
+# A filter applies only to the logger a record is made on, so each sits on the emitting module's own logger.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Unactionable("gemm_4bit_forward"))
+logging.getLogger("diffusers.loaders.lora_base").addFilter(
+    _Unactionable("No LoRA keys associated to", "text_encoder", "safe to ignore")
+)
 
 # Public names -> the module that holds them. They are imported on first use, as in transformers and TRL, so that
 # `import trl_drpo.drift` or the CLI's `--help` does not pay for transformers' Trainer, diffusers and peft.

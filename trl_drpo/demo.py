@@ -25,7 +25,14 @@ import torch
 from transformers import ProgressCallback
 
 
-ARTEFACTS = ("pytorch_lora_weights.safetensors", "README.md", "samples.png", "reward_curve.png", "eval_metrics.json")
+ARTEFACTS = (
+    "pytorch_lora_weights.safetensors",
+    "drpo_config.json",
+    "README.md",
+    "samples.png",
+    "reward_curve.png",
+    "eval_metrics.json",
+)
 GRID_COLUMNS = (0, 2, 4, 6, 8, 9, 10, 11)  # of balanced_prompts("test", 2): each category, position and colours twice
 
 

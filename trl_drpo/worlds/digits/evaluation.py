@@ -100,8 +100,8 @@ def as_eval_metrics(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, fl
         for key in (*CATEGORIES, "overall"):
             name = f"{scorer}/{'mean_of_six' if key == 'overall' else key}"
             if key in tuned[scorer] and key in base[scorer]:
-                out[f"eval_{name}"] = round(float(tuned[scorer][key]), 2)
-                out[f"eval_base_{name}"] = round(float(base[scorer][key]), 2)
+                out[f"eval_{name}"] = float(tuned[scorer][key])  # unrounded: the card's change column subtracts them
+                out[f"eval_base_{name}"] = float(base[scorer][key])
     return out
 
 
