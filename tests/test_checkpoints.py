@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -114,3 +115,26 @@ def test_checkpoints_are_renamed_into_place_and_rotated_by_save_total_limit(tmp_
         "checkpoint-6",
     ]
     assert not (out / STAGING_DIR).exists()
+
+
+def test_the_best_checkpoint_is_recorded_where_it_was_renamed_to(tmp_path):
+    out = tmp_path / "out"
+    config = tiny_drpo_config(
+        out,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        eval_prompts=["a house"],
+        eval_seeds=[5],
+        metric_for_best_model="reward",
+        greater_is_better=True,
+    )
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert os.path.dirname(best) == str(out) and os.path.isdir(best)
+    for step in (1, 2):
+        state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        assert STAGING_DIR not in json.dumps(state.get("best_model_checkpoint"))

@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints
 
 from .checkpoints import STAGING_DIR, publish_checkpoint, resume_checkpoint
@@ -434,8 +435,9 @@ class DrPOTrainer(Trainer):
         if self.args.should_save:
             publish_checkpoint(os.path.join(staging, name), os.path.join(run_dir, name))
             best = self.state.best_model_checkpoint
-            if best and os.path.dirname(best) == staging:
+            if best and os.path.dirname(best) == staging:  # this checkpoint is the best: name it where it now is
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                self.state.save_to_json(os.path.join(run_dir, name, TRAINER_STATE_NAME))
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
             with suppress(OSError):
                 os.rmdir(staging)  # only when empty
