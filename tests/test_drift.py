@@ -787,15 +787,15 @@ def test_positional_matching_pulls_a_token_towards_the_same_position_of_the_winn
     loser = torch.tensor([[[2.0, 2.0, 2.0], [3.0, 3.0, 3.0]]])
     features = {"a": torch.cat([winners, loser]).unsqueeze(0)}
     pos, neg = {"a": features["a"][:, :2]}, {"a": features["a"][:, 2:]}
-    loss = {}
+    moves = {}
     for matching in ("pooled", "positional"):
         params = DriftHyperparams(reference_loss_weight=0.0, token_matching=matching, preference_radii=(0.5,))
         x = features["a"].clone().requires_grad_(True)
         drpo_targets(features, pos, neg, None, params).loss({"a": x}).sum().backward()
-        loss[matching] = -x.grad[0, 2]  # the direction the loser's tokens are moved, (tokens, dim)
-    towards_own_position = (winners[:, 0].mean(0) - loser[0, 0]) @ loss["positional"][0]
+        moves[matching] = -x.grad[0, 2]  # the direction the loser's tokens are moved, (tokens, dim)
+    towards_own_position = (winners[:, 0].mean(0) - loser[0, 0]) @ moves["positional"][0]
     assert towards_own_position > 0
-    assert (loss["positional"][0] - loss["pooled"][0]).abs().max() > 1e-3
+    assert (moves["positional"][0] - moves["pooled"][0]).abs().max() > 1e-3
 
 
 def test_positional_matching_chunks_and_masks_anchor_copies_like_one_pass():

@@ -71,6 +71,14 @@ def _per_row(value: torch.Tensor, tokens: int, token_matching: str) -> torch.Ten
     return value.view(-1, tokens).mean(dim=1) if token_matching == "positional" else value
 
 
+def _row_values(
+    target: DriftTarget, particles: torch.Tensor, tokens: int, token_matching: str
+) -> dict[str, torch.Tensor]:
+    """A drift estimate's loss at the current point (``"loss"``) and its diagnostics, one value per row ``(B,)``."""
+    values = {"loss": target.loss(particles), **target.diagnostics}
+    return {name: _per_row(value, tokens, token_matching) for name, value in values.items()}
+
+
 @dataclass
 class DrPOTargets:
     """Detached DrPO targets for every feature key, computed once per step without gradient.
@@ -161,7 +169,6 @@ def drpo_targets(
     matching = params.token_matching
 
     def accumulate(name: str, value: torch.Tensor) -> None:
-        value = _per_row(value, tokens[key], matching)
         sums[name] = sums[name] + value / len(keys) if name in sums else value / len(keys)
 
     num_candidates = None
@@ -174,12 +181,12 @@ def drpo_targets(
         gen_set = as_feature_set(gen, matching)
         sources = {}
         if params.mask_anchor_copies and anchor_sources is not None:
-            # Pooled: anchor token t of candidate c is a copy of generated particle c * T + t. Positional: each set
-            # holds one token of every sample, so the copy of candidate c is particle c.
-            token = torch.arange(tokens[key]) if matching == "pooled" else torch.zeros(1, dtype=torch.long)
-            stride = tokens[key] if matching == "pooled" else 1
             for name, index in zip(("positive_sources", "negative_sources"), anchor_sources):
-                sources[name] = (index.cpu().long()[:, None] * stride + token).flatten()
+                index = index.cpu().long()
+                if matching == "positional":  # each set holds one token of every sample: c's copy is particle c
+                    sources[name] = index
+                else:  # anchor token t of candidate c is a copy of generated particle c * T + t
+                    sources[name] = (index[:, None] * tokens[key] + torch.arange(tokens[key])).flatten()
         pref = drift_field(
             gen_set,
             as_feature_set(positives[key], matching),
@@ -192,12 +199,13 @@ def drpo_targets(
             **sources,
         )
         terms[key] = [(key_factor, pref)]
-        accumulate("loss_pref", pref.loss(gen_set))
-        accumulate("feature_scale", pref.diagnostics["feature_scale"])
-        accumulate("dist_pos", pref.diagnostics["mean_dist_pos"])
-        if "mean_dist_neg" in pref.diagnostics:
-            accumulate("dist_neg", pref.diagnostics["mean_dist_neg"])
-        for name, value in pref.diagnostics.items():
+        rows = _row_values(pref, gen_set, tokens[key], matching)
+        accumulate("loss_pref", rows["loss"])
+        accumulate("feature_scale", rows["feature_scale"])
+        accumulate("dist_pos", rows["mean_dist_pos"])
+        if "mean_dist_neg" in rows:
+            accumulate("dist_neg", rows["mean_dist_neg"])
+        for name, value in rows.items():
             if name.startswith("drift_rms_"):
                 accumulate(name, value)
         if use_reference:
@@ -213,9 +221,10 @@ def drpo_targets(
                 drift_step=params.drift_step,
             )
             terms[key].append((key_factor * params.reference_loss_weight, ref))
-            accumulate("loss_ref", ref.loss(gen_set))
-            accumulate("dist_ref", ref.diagnostics["mean_dist_pos"])
-            for name, value in ref.diagnostics.items():
+            rows = _row_values(ref, gen_set, tokens[key], matching)
+            accumulate("loss_ref", rows["loss"])
+            accumulate("dist_ref", rows["mean_dist_pos"])
+            for name, value in rows.items():
                 if name.startswith("drift_rms_"):
                     accumulate("ref_" + name, value)
     return DrPOTargets(
