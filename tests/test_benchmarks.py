@@ -303,3 +303,10 @@ def test_call_overhead_times_both_paths_of_the_same_computation():
     row = measure(tiny_sd_pipeline(), batch=2, repeats=1)  # asserts the two paths give the same candidates
     assert {"fast_grad_s", "call_grad_s", "fast_no_grad_s", "call_no_grad_s", "overhead_grad_ms"} <= set(row)
     assert all(math.isfinite(value) for value in row.values()) and row["fast_grad_s"] > 0
+
+
+def test_import_time_counts_the_packages_own_modules_apart_from_what_they_import():
+    from benchmarks.import_time import measure
+
+    row = measure("import trl_drpo.ranking", repeats=1)  # imports torch, whose time is not the package's own
+    assert 0 < row["trl_drpo_seconds"] < row["seconds"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -304,3 +306,26 @@ def test_loading_the_base_draws_no_progress_bars_and_leaves_the_libraries_settin
     digits.load_pipeline()
     assert "Loading" not in capfd.readouterr().err
     assert diffusers_logging.is_progress_bar_enabled()
+
+
+def test_caption_parse_targets_tell_mirrored_relations_and_swapped_colours_apart():
+    from trl_drpo.worlds.digits.pretrain import CAPTION_PARSE_CLASSES, caption_parse_targets
+
+    targets = caption_parse_targets(
+        ["a 7", "a 2 to the left of a 6", "a 2 to the right of a 6", "a red 2 and a blue 6", "a blue 2 and a red 6"]
+    )
+    assert targets.tolist()[0] == [1, 7, 4, 10, 4, len(RELATIONS)]  # one object; "none" for the rest
+    assert targets[1, 5] != targets[2, 5] and torch.equal(targets[1, :5], targets[2, :5])
+    assert targets[3, 2] == targets[4, 4] and targets[3, 4] == targets[4, 2] and targets[3, 2] != targets[3, 4]
+    assert (targets < torch.tensor(CAPTION_PARSE_CLASSES)).all()
+
+
+def test_the_teacher_stage_trains_the_caption_read_back_when_asked(tmp_path):
+    from trl_drpo.worlds.digits.pretrain import main
+
+    shutil.copytree(os.path.join(digits.BASE_DIR, "vae"), tmp_path / "vae")  # the stage reads the VAE it encodes with
+    args = ["--output_dir", str(tmp_path), "--stages", "teacher", "--teacher_steps", "2", "--batch_size", "8"]
+    assert main([*args, "--pool_size", "512", "--caption_parse_weight", "0.1"]) == 0
+    assert (tmp_path / "teacher_unet").is_dir() and (tmp_path / "text_encoder").is_dir()
+    log = json.loads((tmp_path / "pretrain_log.json").read_text())
+    assert log["settings"]["caption_parse_weight"] == 0.1 and np.isfinite(log["teacher"]["history"][-1][2])

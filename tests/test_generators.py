@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from trl_drpo.generators import (
     StableDiffusionGenerator,
     StableDiffusionXLGenerator,
     register_generator,
+    registered_generator,
     unwrap_module,
 )
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -60,7 +63,24 @@ def _perturb_lora(gen: OneStepGenerator, scale: float = 0.5) -> None:
 def test_from_pipeline_picks_the_adapter_registered_for_the_pipeline_class():
     assert type(OneStepGenerator.from_pipeline(tiny_sd_pipeline())) is StableDiffusionGenerator
     assert type(OneStepGenerator.from_pipeline(tiny_sdxl_pipeline())) is StableDiffusionXLGenerator
-    assert {cls.__name__ for cls in SUPPORTED_PIPELINES} >= {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+    assert {"StableDiffusionPipeline", "StableDiffusionXLPipeline"} <= set(SUPPORTED_PIPELINES)
+
+
+def test_a_family_registered_by_name_matches_only_diffusers_class_of_that_name():
+    class StableDiffusionPipeline:  # a user's class that happens to share the name
+        pass
+
+    assert registered_generator(StableDiffusionPipeline) is None
+    assert registered_generator(type(tiny_sd_pipeline())) is StableDiffusionGenerator
+
+
+def test_registering_the_families_imports_none_of_their_pipelines():
+    code = (
+        "import sys, trl_drpo.generators; "
+        "print(sorted(m for m in sys.modules if m.startswith('diffusers.pipelines.') and m.count('.') >= 3))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_a_pipeline_whose_call_takes_no_latents_raises_naming_what_is_missing_and_registration():

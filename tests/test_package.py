@@ -35,11 +35,12 @@ def test_drift_objective_and_ranking_import_without_diffusers_or_transformers():
     [
         "from trl_drpo import DrPOTrainer",
         "from trl_drpo.worlds import digits; digits.load_pipeline()",
+        "from trl_drpo.loading import load_pipeline; load_pipeline('trl-drpo/tiny-flux')",
         "from trl_drpo import DrPOConfig; from trl_drpo.model_card import render_model_card; "
         "from trl_drpo.worlds import digits; "
         "render_model_card(digits.load_pipeline(), DrPOConfig(output_dir='card', report_to='none'), ['r'], [1.0], [])",
     ],
-    ids=["the trainer", "the digit world's base", "a model card"],
+    ids=["the trainer", "the digit world's base", "a pipeline loaded by name", "a model card"],
 )
 def test_importing_logs_no_warning_about_image_processors_or_kernels_it_does_not_use(code):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

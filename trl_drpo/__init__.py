@@ -18,6 +18,9 @@ class _Unactionable(logging.Filter):
       kernel.
     - diffusers' LoRA loader, on every `load_lora_weights` of a DrPO adapter, that the text encoder got no LoRA keys:
       DrPO adapters hold the denoiser's only, and diffusers' own message calls it safe to ignore.
+    - transformers, when diffusers' pipelines are first imported (their IP-adapter loaders ask for image
+      processors), that an image processor falls back to PIL because torchvision is not installed: DrPO uses no
+      image processor of a pipeline, and torchvision is not one of its dependencies.
     """
 
     def __init__(self, *fragments: str) -> None:
@@ -33,6 +36,9 @@ class _Unactionable(logging.Filter):
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Unactionable("gemm_4bit_forward"))
 logging.getLogger("diffusers.loaders.lora_base").addFilter(
     _Unactionable("No LoRA keys associated to", "text_encoder", "safe to ignore")
+)
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    _Unactionable("requires torchvision (not installed)", "ImageProcessor")
 )
 
 # Public names -> the module that holds them. They are imported on first use, as in transformers and TRL, so that

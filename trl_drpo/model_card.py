@@ -67,10 +67,7 @@ def _cli_call_options(call_kwargs: dict[str, Any] | None) -> str:
 def _pipeline_loader(pipeline: Any) -> str:
     """The diffusers class the quick start loads the base with: the text-to-image auto pipeline when it knows the
     family, else `DiffusionPipeline`."""
-    from .generators.pipeline_classes import transformers_notices_off
-
-    with transformers_notices_off():  # diffusers' auto pipelines import image processors that log a torchvision notice
-        from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
+    from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
 
     known = any(cls is type(pipeline) for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values())
     return "AutoPipelineForText2Image" if known else "DiffusionPipeline"

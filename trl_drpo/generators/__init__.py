@@ -25,6 +25,9 @@ subclassing and decorating with :func:`register_generator`::
     class MyGenerator(OneStepGenerator):
         def _encode(self, prompts): ...  # -> PromptEmbeds holding what the call takes as prompt_embeds=...
 
+The built-in families register diffusers' pipelines by class name (`@register_generator("FluxPipeline")`), so that
+importing them imports no pipeline (nor the text encoders it brings) that the user's code does not load.
+
 Typical use in a training step::
 
     gen = OneStepGenerator.from_pipeline(pipe, call_kwargs={"num_inference_steps": 1, "guidance_scale": 0.0})
@@ -36,7 +39,14 @@ Typical use in a training step::
     images = gen.decode(latents)  # (B, 3, H, W) in [0, 1], no gradient
 """
 
-from .base import GENERATORS, SUPPORTED_PIPELINES, OneStepGenerator, evaluation_seed, register_generator
+from .base import (
+    GENERATORS,
+    SUPPORTED_PIPELINES,
+    OneStepGenerator,
+    evaluation_seed,
+    register_generator,
+    registered_generator,
+)
 from .call import unwrap_module
 from .embeds import PromptEmbeds, map_rows
 from .flux import FluxGenerator
@@ -63,5 +73,6 @@ __all__ = [
     "evaluation_seed",
     "map_rows",
     "register_generator",
+    "registered_generator",
     "unwrap_module",
 ]

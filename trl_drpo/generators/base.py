@@ -34,16 +34,18 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------------------
 
 _GeneratorT = TypeVar("_GeneratorT", bound="type[OneStepGenerator]")
-GENERATORS: dict[type, type[OneStepGenerator]] = {}
-SUPPORTED_PIPELINES: Mapping[type, type[OneStepGenerator]] = MappingProxyType(GENERATORS)
-"""Live, read-only view of the registry: pipeline class -> generator adapter class."""
+GENERATORS: dict[type | str, type[OneStepGenerator]] = {}
+SUPPORTED_PIPELINES: Mapping[type | str, type[OneStepGenerator]] = MappingProxyType(GENERATORS)
+"""Live, read-only view of the registry: pipeline class (or a diffusers pipeline's class name) -> generator class."""
 
 
-def register_generator(pipeline_cls: type) -> Callable[[_GeneratorT], _GeneratorT]:
+def register_generator(pipeline_cls: type | str) -> Callable[[_GeneratorT], _GeneratorT]:
     """Class decorator registering a :class:`OneStepGenerator` subclass as the adapter for `pipeline_cls`.
 
-    Subclasses of `pipeline_cls` also resolve to it (the registry is searched along the pipeline's MRO), unless they
-    have an adapter of their own.
+    `pipeline_cls` is a pipeline class, or the class name of a diffusers pipeline (`"FluxPipeline"`): a name matches
+    the class of that name that diffusers defines, so registering a family does not import its pipeline (and the text
+    encoders it brings) until a user's pipeline is one. Subclasses also resolve to the adapter (the registry is
+    searched along the pipeline's MRO), unless they have an adapter of their own.
     """
 
     def decorator(generator_cls: _GeneratorT) -> _GeneratorT:
@@ -53,6 +55,17 @@ def register_generator(pipeline_cls: type) -> Callable[[_GeneratorT], _Generator
         return generator_cls
 
     return decorator
+
+
+def registered_generator(pipeline_cls: type) -> type[OneStepGenerator] | None:
+    """The adapter registered for `pipeline_cls` or its nearest registered base class (by class, or for diffusers'
+    own classes by name); None when there is none."""
+    for klass in pipeline_cls.__mro__:
+        if klass in GENERATORS:
+            return GENERATORS[klass]
+        if klass.__module__.split(".")[0] == "diffusers" and klass.__name__ in GENERATORS:
+            return GENERATORS[klass.__name__]
+    return None
 
 
 def evaluation_seed(seed: int, index: int) -> int:
@@ -135,12 +148,12 @@ class OneStepGenerator:
             TypeError: the pipeline is outside the registry and its call does not take `latents` and `output_type`.
             ValueError: `call_kwargs` holds an argument the call does not take, or one the generator sets itself.
         """
-        for klass in type(pipeline).__mro__:
-            if klass in GENERATORS:
-                return GENERATORS[klass](pipeline, resolution=resolution, call_kwargs=call_kwargs)
+        generator_cls = registered_generator(type(pipeline))
+        if generator_cls is not None:
+            return generator_cls(pipeline, resolution=resolution, call_kwargs=call_kwargs)
         missing = missing_call_arguments(pipeline)
         if missing:
-            supported = ", ".join(sorted(k.__name__ for k in GENERATORS)) or "none"
+            supported = ", ".join(sorted(k if isinstance(k, str) else k.__name__ for k in GENERATORS)) or "none"
             raise TypeError(
                 f"No one-step generator for {type(pipeline).__name__}: its call takes no {' and no '.join(missing)}, "
                 "which training through the pipeline's own call needs (`latents=noise, output_type='latent'`). "

@@ -11,10 +11,9 @@ from torch import Tensor
 from .base import register_generator
 from .diffusion_transformers import TransformerGenerator
 from .embeds import PromptEmbeds
-from .pipeline_classes import FluxPipeline
 
 
-@register_generator(FluxPipeline)
+@register_generator("FluxPipeline")
 class FluxGenerator(TransformerGenerator):
     """`FluxPipeline`, served as FLUX.1-schnell in one step: `pipe(prompt, num_inference_steps=1,
     guidance_scale=0.0, max_sequence_length=256)` (schnell has no guidance embedding, so the scale is unused).

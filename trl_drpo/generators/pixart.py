@@ -11,11 +11,10 @@ from torch import Tensor
 from .base import register_generator
 from .diffusion_transformers import TransformerGenerator
 from .embeds import PromptEmbeds
-from .pipeline_classes import PixArtAlphaPipeline, PixArtSigmaPipeline
 
 
-@register_generator(PixArtSigmaPipeline)
-@register_generator(PixArtAlphaPipeline)
+@register_generator("PixArtSigmaPipeline")
+@register_generator("PixArtAlphaPipeline")
 class PixArtGenerator(TransformerGenerator):
     """`PixArtAlphaPipeline` and `PixArtSigmaPipeline`, served as PixArt-alpha DMD: `pipe(prompt,
     num_inference_steps=1, timesteps=[400], guidance_scale=1.0, use_resolution_binning=False)`.

@@ -11,10 +11,9 @@ from torch import Tensor
 from .base import register_generator
 from .diffusion_transformers import TransformerGenerator
 from .embeds import PromptEmbeds
-from .pipeline_classes import SanaSprintPipeline
 
 
-@register_generator(SanaSprintPipeline)
+@register_generator("SanaSprintPipeline")
 class SanaSprintGenerator(TransformerGenerator):
     """`SanaSprintPipeline`, served in one step: `pipe(prompt, num_inference_steps=1, intermediate_timesteps=None,
     guidance_scale=4.5, use_resolution_binning=False)` (the guidance scale feeds the transformer's guidance

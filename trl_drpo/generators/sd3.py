@@ -9,10 +9,9 @@ from torch import Tensor
 from .base import register_generator
 from .diffusion_transformers import TransformerGenerator
 from .embeds import PromptEmbeds
-from .pipeline_classes import StableDiffusion3Pipeline
 
 
-@register_generator(StableDiffusion3Pipeline)
+@register_generator("StableDiffusion3Pipeline")
 class StableDiffusion3Generator(TransformerGenerator):
     """`StableDiffusion3Pipeline`, served one step without guidance: `pipe(prompt, num_inference_steps=1,
     guidance_scale=0.0)`. Prompt embeddings and pooled projections are encoded once per step."""

@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from .base import OneStepGenerator, register_generator
 from .embeds import PromptEmbeds
-from .pipeline_classes import StableDiffusionPipeline, StableDiffusionXLPipeline
 from .schedulers import SCHEDULER_STEPS, SingleStep
 
 
@@ -98,7 +97,7 @@ class UNetGenerator(OneStepGenerator):
         return {"sample": latents, "timestep": t, **self.denoiser_kwargs(embeds, latents)}
 
 
-@register_generator(StableDiffusionPipeline)
+@register_generator("StableDiffusionPipeline")
 class StableDiffusionGenerator(UNetGenerator):
     """`StableDiffusionPipeline` (SD-Turbo, SD 1.x/2.x, LCM/TCD set-ups): one CLIP text encoder, max-length padding."""
 
@@ -109,7 +108,7 @@ class StableDiffusionGenerator(UNetGenerator):
         return PromptEmbeds(prompt_embeds=prompt_embeds)
 
 
-@register_generator(StableDiffusionXLPipeline)
+@register_generator("StableDiffusionXLPipeline")
 class StableDiffusionXLGenerator(UNetGenerator):
     """`StableDiffusionXLPipeline` (SDXL-Turbo, DMD2, Hyper-SD/TCD, SDXL-Lightning): two text encoders, pooled
     embeddings, size time ids."""

@@ -54,8 +54,7 @@ def load_pipeline(device: str = "cpu", torch_dtype: Any = None):
         torch_dtype: parameter dtype; float32 by default.
     """
     import torch
-
-    from ...generators.pipeline_classes import StableDiffusionPipeline  # imported without transformers' notices
+    from diffusers import StableDiffusionPipeline
 
     with _loading_bars_off():  # a few-MB local folder: loading bars would only clutter every run's output
         pipe = StableDiffusionPipeline.from_pretrained(

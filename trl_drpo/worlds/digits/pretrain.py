@@ -8,7 +8,10 @@ Four stages, each saved to ``output_dir`` so that a stage can be rerun alone (``
    train-half glyphs, by pixel MSE plus a tiny KL term; its `scaling_factor` makes the latents unit-variance.
 2. ``teacher``: a `UNet2DConditionModel` and a `CLIPTextModel` (with a word-level CLIP tokenizer saved as real
    vocab/merges files) trained jointly as a latent diffusion model: DDPM scaled-linear betas, v-prediction, 10%
-   empty captions for classifier-free guidance.
+   empty captions for classifier-free guidance. With ``--caption_parse_weight`` above 0 (off for the shipped
+   base), a linear head on the text encoder's pooled output is also trained to read the caption back (object count,
+   each object's digit and colour, the relation), so that the encoder tells "left of" from "right of" and which colour
+   goes with which digit (see `caption_parse_targets`).
 3. ``pairs``: the teacher samples latents from fixed noise with a deterministic multi-step sampler (DDIM with
    guidance), giving `(noise, caption) -> latent` pairs.
 4. ``student``: a copy of the teacher is distilled into *one* step: the exact computation
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .grammar import CATEGORIES, COLORS, COUNT_WORDS, RELATIONS, prompts
+from .grammar import CATEGORIES, COLORS, COUNT_WORDS, RELATIONS, parse, prompts
 from .scenes import SCENE_SIZE, scene_array
 
 
@@ -206,6 +209,30 @@ class CaptionSampler:
         return torch.from_numpy(arrays).permute(0, 3, 1, 2) * 2 - 1
 
 
+CAPTION_PARSE_CLASSES = (4, 11, 5, 11, 5, len(RELATIONS) + 1)
+"""Classes of each field `caption_parse_targets` reads: object count (0-3), first digit, first colour, second digit,
+second colour, relation; the last class of a field means "none"."""
+
+
+def caption_parse_targets(captions: list[str]) -> torch.Tensor:
+    """`(N, 6)` int64 class targets of the captions' structure, in `CAPTION_PARSE_CLASSES` order: what a text
+    encoder must keep apart to condition the scene (the order of the objects, the relation's direction, which colour
+    binds to which digit). Raises `ValueError` for a caption outside the grammar."""
+    colors, rows = list(COLORS), []
+    for caption in captions:
+        structure = parse(caption)
+        objects = structure["objects"]
+        row = [len(objects)]
+        for index in range(2):
+            obj = objects[index] if index < len(objects) else None
+            row.append(obj["digit"] if obj else 10)
+            row.append(colors.index(obj["color"]) if obj and obj["color"] else len(colors))
+        relation = structure["relation"]
+        row.append(RELATIONS.index(relation) if relation else len(RELATIONS))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
 def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     """`(N, 16, 64)` hidden states exactly as `StableDiffusionPipeline.encode_prompt` computes them."""
     ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
@@ -244,7 +271,7 @@ def _run(name: str, steps: int, step_fn, optimizer, peak_lr: float, log: Log, ev
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % every == 0 or step + 1 == steps:
             mean = float(np.mean(losses[-every:]))
             history.append([step + 1, round(time.time() - start, 1), mean])
@@ -312,6 +339,10 @@ def train_teacher(args, log: Log) -> None:
     pool, captions = _latent_pool(args, _load_vae(args))
     log.update("teacher", pool_size=len(captions), pool_seconds=round(time.time() - start, 1))
     params = list(unet.parameters()) + list(text_encoder.parameters())
+    parse_head = None  # made only when asked: its initialisation would draw from the seeded global generator
+    if args.caption_parse_weight > 0:
+        parse_head = torch.nn.Linear(text_encoder.config.hidden_size, sum(CAPTION_PARSE_CLASSES))
+        params += list(parse_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.teacher_lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -325,8 +356,17 @@ def train_teacher(args, log: Log) -> None:
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
         noisy = noise_scheduler.add_noise(x0, noise, t)
         target = noise_scheduler.get_velocity(x0, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=encode_text(tokenizer, text_encoder, batch)).sample
-        return F.mse_loss(pred, target)
+        ids = tokenizer(batch, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        encoded = text_encoder(ids.input_ids)
+        pred = unet(noisy, t, encoder_hidden_states=encoded.last_hidden_state).sample
+        loss = F.mse_loss(pred, target)
+        kept = [i for i, caption in enumerate(batch) if caption]  # the empty captions have nothing to read back
+        if parse_head is not None and kept:
+            logits = parse_head(encoded.pooler_output[kept]).split(CAPTION_PARSE_CLASSES, dim=1)
+            targets = caption_parse_targets([batch[i] for i in kept])
+            parse_loss = sum(F.cross_entropy(lg, targets[:, j]) for j, lg in enumerate(logits)) / len(logits)
+            loss = loss + args.caption_parse_weight * parse_loss
+        return loss
 
     _run("teacher", args.teacher_steps, step, optimizer, args.teacher_lr, log)
     unet.save_pretrained(os.path.join(args.output_dir, "teacher_unet"), safe_serialization=True)
@@ -471,6 +511,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool_size", type=int, default=102400, help="Encoded train scenes for the teacher.")
     parser.add_argument("--teacher_steps", type=int, default=4800)
     parser.add_argument("--teacher_lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--caption_parse_weight",
+        type=float,
+        default=0.0,
+        help="Weight of the teacher's caption read-back loss on the text encoder (0: off, as for the shipped base).",
+    )
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--num_pairs", type=int, default=16384)
     parser.add_argument("--teacher_steps_sample", type=int, default=12, help="DDIM steps of the teacher.")
