@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -83,3 +85,10 @@ class CountingWrapper(torch.nn.Module):
     def forward(self, *args, **kwargs):
         self.calls += 1
         return self.module(*args, **kwargs)
+
+
+def modules_after(statement: str) -> set[str]:
+    """The names in `sys.modules` after a fresh interpreter runs `statement` (nothing imported by the test process)."""
+    code = f"{statement}\nimport sys\nprint('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())

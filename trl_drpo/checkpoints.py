@@ -63,14 +63,12 @@ STAGING_DIR = ".drpo-staging"
 def publish_checkpoint(staged: str, folder: str) -> None:
     """Move the finished checkpoint `staged` to `folder` (a `checkpoint-N` path), replacing a checkpoint of the same
     step already there; each move is a rename within `output_dir`, so `folder` is never seen half-written."""
+    previous = staged + ".previous"
     if os.path.isdir(folder):
-        previous = staged + ".previous"
         shutil.rmtree(previous, ignore_errors=True)
         os.rename(folder, previous)
-        os.rename(staged, folder)
-        shutil.rmtree(previous, ignore_errors=True)
-    else:
-        os.rename(staged, folder)
+    os.rename(staged, folder)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _file_problem(path: str) -> str | None:

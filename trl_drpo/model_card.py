@@ -218,10 +218,13 @@ def render_model_card(
     builtin_base = builtin_base_name(base)
     base_hub_id = _hub_id_or_none(base)
     local_base = base is not None and base_hub_id is None and builtin_base is None
+    base_display = base
     if local_base:
         base = public_name(base)  # a pipeline loaded from a local folder: name it, never locate it
+        base_display = f"{base} (a local folder)"
     elif builtin_base:
         base = builtin_base
+        base_display = f"`{base}` (the digit world's base, shipped with trl_drpo)"
     repo_id = repo_id or args.hub_model_id or model_name or Path(args.output_dir).name
     dataset = dataset_name or getattr(args, "dataset_name", None)
     total = sum(reward_weights) or 1.0
@@ -256,14 +259,7 @@ def render_model_card(
         repo_id=repo_id,
         # A local base is named in the text; the quick start shows where its folder goes, not where it was.
         base_model_id=(f"path/to/{base}" if local_base else base) or "<base model id or path>",
-        base_model_display=(
-            f"{base} (a local folder)"
-            if local_base
-            else f"`{base}` (the digit world's base, shipped with trl_drpo)"
-            if builtin_base
-            else base
-        )
-        or "a one-step text-to-image pipeline",
+        base_model_display=base_display or "a one-step text-to-image pipeline",
         builtin_base=builtin_base,
         example_prompt=(list(getattr(args, "eval_prompts", None) or []) or [example_prompt or "a photo of a cat"])[0],
         call_arguments=", ".join(

@@ -232,6 +232,11 @@ def drpo_targets(
     )
 
 
+def _prompt_row(features: Mapping[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+    # Prompt b's features, keeping the batch dimension that `drpo_targets` reads as one prompt.
+    return {key: value[b : b + 1] for key, value in features.items()}
+
+
 def drpo_targets_from_anchors(
     generated: Mapping[str, torch.Tensor],
     reference: Mapping[str, torch.Tensor] | None,
@@ -252,13 +257,13 @@ def drpo_targets_from_anchors(
         if selection is None:
             targets.append(None)
             continue
-        row = {key: value[b : b + 1] for key, value in generated.items()}
+        row = _prompt_row(generated, b)
         targets.append(
             drpo_targets(
                 row,
                 {key: value[:, selection.positives] for key, value in row.items()},
                 {key: value[:, selection.negatives] for key, value in row.items()},
-                {key: value[b : b + 1] for key, value in reference.items()} if reference else None,
+                _prompt_row(reference, b) if reference else None,
                 params,
                 anchor_sources=(selection.positives, selection.negatives),
             )
@@ -275,14 +280,14 @@ def drpo_targets_per_prompt(
 ) -> list[DrPOTargets]:
     """`drpo_targets` for each prompt separately, with anchors given as feature sets (offline DrPO, docs/method.md §9:
     the encoded chosen and rejected images of each prompt). Shapes as in `drpo_targets`, row ``b`` = prompt ``b``."""
-
-    def row(features: Mapping[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
-        return {key: value[b : b + 1] for key, value in features.items()}
-
     batch = next(iter(generated.values())).shape[0]
     return [
         drpo_targets(
-            row(generated, b), row(positives, b), row(negatives, b), row(reference, b) if reference else None, params
+            _prompt_row(generated, b),
+            _prompt_row(positives, b),
+            _prompt_row(negatives, b),
+            _prompt_row(reference, b) if reference else None,
+            params,
         )
         for b in range(batch)
     ]

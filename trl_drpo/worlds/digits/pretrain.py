@@ -233,10 +233,16 @@ def caption_parse_targets(captions: list[str]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
+def text_encoder_output(tokenizer, text_encoder, captions: list[str]) -> Any:
+    """The text encoder's output (hidden states and pooled output) on the captions, tokenised as
+    `StableDiffusionPipeline.encode_prompt` tokenises them."""
+    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    return text_encoder(ids.input_ids)
+
+
 def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     """`(N, 16, 64)` hidden states exactly as `StableDiffusionPipeline.encode_prompt` computes them."""
-    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-    return text_encoder(ids.input_ids)[0]
+    return text_encoder_output(tokenizer, text_encoder, captions).last_hidden_state
 
 
 class Log:
@@ -356,8 +362,7 @@ def train_teacher(args, log: Log) -> None:
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
         noisy = noise_scheduler.add_noise(x0, noise, t)
         target = noise_scheduler.get_velocity(x0, noise, t)
-        ids = tokenizer(batch, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-        encoded = text_encoder(ids.input_ids)
+        encoded = text_encoder_output(tokenizer, text_encoder, batch)
         pred = unet(noisy, t, encoder_hidden_states=encoded.last_hidden_state).sample
         loss = F.mse_loss(pred, target)
         kept = [i for i, caption in enumerate(batch) if caption]  # the empty captions have nothing to read back
