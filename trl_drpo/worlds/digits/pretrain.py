@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .grammar import CATEGORIES, COLORS, COUNT_WORDS, RELATIONS, parse, prompts
+from .grammar import CATEGORIES, COLORS, COUNT_WORDS, DIGITS, RELATIONS, parse, prompts
 from .scenes import SCENE_SIZE, scene_array
 
 
@@ -209,7 +209,15 @@ class CaptionSampler:
         return torch.from_numpy(arrays).permute(0, 3, 1, 2) * 2 - 1
 
 
-CAPTION_PARSE_CLASSES = (4, 11, 5, 11, 5, len(RELATIONS) + 1)
+_DIGIT_CLASSES, _COLOR_CLASSES = len(DIGITS) + 1, len(COLORS) + 1
+CAPTION_PARSE_CLASSES = (
+    max(COUNT_WORDS) + 1,
+    _DIGIT_CLASSES,
+    _COLOR_CLASSES,
+    _DIGIT_CLASSES,
+    _COLOR_CLASSES,
+    len(RELATIONS) + 1,
+)
 """Classes of each field `caption_parse_targets` reads: object count (0-3), first digit, first colour, second digit,
 second colour, relation; the last class of a field means "none"."""
 
@@ -225,7 +233,7 @@ def caption_parse_targets(captions: list[str]) -> torch.Tensor:
         row = [len(objects)]
         for index in range(2):
             obj = objects[index] if index < len(objects) else None
-            row.append(obj["digit"] if obj else 10)
+            row.append(DIGITS.index(obj["digit"]) if obj else len(DIGITS))
             row.append(colors.index(obj["color"]) if obj and obj["color"] else len(colors))
         relation = structure["relation"]
         row.append(RELATIONS.index(relation) if relation else len(RELATIONS))
