@@ -310,3 +310,14 @@ def test_import_time_counts_the_packages_own_modules_apart_from_what_they_import
 
     row = measure("import trl_drpo.ranking", repeats=1)  # imports torch, whose time is not the package's own
     assert 0 < row["trl_drpo_seconds"] < row["seconds"]
+
+
+def test_reference_field_directions_cover_every_estimator_dimension_and_case():
+    from benchmarks.reference_field import CASES, ESTIMATORS, measure, table
+
+    results = measure(dims=(8,), seeds=1)
+    assert len(results["rows"]) == len(ESTIMATORS) * len(CASES)
+    equal = [row for row in results["rows"] if row["case"] == "equal"]
+    assert all(row["towards_reference"] is None for row in equal)  # no way back from the reference itself
+    assert all(-1 <= row["outwards"] <= 1 for row in results["rows"])
+    assert table(results).count("\n") == 1 + len(ESTIMATORS)

@@ -28,11 +28,17 @@ def test_defaults_are_the_papers_sd_turbo_recipe(tmp_path):
     assert config.gradient_accumulation_steps == 8 and config.per_device_train_batch_size == 1
     assert config.lr_scheduler_type == "constant_with_warmup" and config.warmup_steps == 0
     assert config.mask_anchor_copies is False  # the authors' estimator
+    assert config.mask_reference_pairs is False
 
 
 def test_the_objective_gets_the_anchor_copy_mask_setting(tmp_path):
     assert make(tmp_path, mask_anchor_copies=True).step_settings.drift.mask_anchor_copies is True
     assert make(tmp_path).step_settings.drift.mask_anchor_copies is False
+
+
+def test_the_objective_gets_the_reference_pair_mask_setting(tmp_path):
+    assert make(tmp_path, mask_reference_pairs=True).step_settings.drift.mask_reference_pairs is True
+    assert make(tmp_path).step_settings.drift.mask_reference_pairs is False
 
 
 def test_the_objective_gets_the_token_matching_setting(tmp_path):

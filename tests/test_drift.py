@@ -542,6 +542,55 @@ def test_reference_field_points_from_current_samples_toward_reference_samples():
     assert cosine.mean() > 0.5, cosine
 
 
+def reference_term(current, reference, mask_reference_pairs=False, token_matching="pooled"):
+    """The reference term's `DriftTarget` from `drpo_targets` for one prompt; features ``(K, T, D)``."""
+    params = DriftHyperparams(
+        reference_loss_weight=1.0, mask_reference_pairs=mask_reference_pairs, token_matching=token_matching
+    )
+    anchors = {"phi": current[None, :1]}  # the preference term is built too; only the reference term is read
+    targets = drpo_targets({"phi": current[None]}, anchors, anchors, {"phi": reference[None]}, params)
+    return targets.terms["phi"][1][1]
+
+
+def reference_field_of(current, reference, mask_reference_pairs=False):
+    """The normalised reference field ``(K, D)`` at one-token features ``(K, D)``."""
+    term = reference_term(current[:, None], reference[:, None], mask_reference_pairs)
+    return (term.goal - current[None] / term.sigma.view(-1, 1, 1))[0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_authors_reference_field_at_the_base_pushes_every_sample_away_from_the_centroid(seed):
+    # At the first update the candidates are the reference samples. The own reference copy, at distance zero, adds
+    # attracting mass but no displacement, so what is left is the push from the other candidates: the set spreads.
+    # (benchmarks/README.md, "Where the reference term points": mean cosine 1.00 at D=64.)
+    reference = torch.randn(24, 64, generator=torch.Generator().manual_seed(seed))
+    field = reference_field_of(reference.clone(), reference)
+    outwards = torch.nn.functional.cosine_similarity(field, reference - reference.mean(0), dim=1)
+    assert outwards.mean() > 0.9, outwards
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_masking_reference_pairs_pulls_a_shifted_set_back_without_spreading_it(seed):
+    g = torch.Generator().manual_seed(seed)
+    reference = torch.randn(24, 64, generator=g)
+    current = reference + 0.3 * 8 * torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
+    field = reference_field_of(current, reference, mask_reference_pairs=True)
+    back = torch.nn.functional.cosine_similarity(field, reference - current, dim=1)
+    outwards = torch.nn.functional.cosine_similarity(field, current - current.mean(0), dim=1)
+    assert back.mean() > 0.9 and outwards.abs().mean() < 0.2, (back, outwards)  # authors': 0.33 and 0.94
+
+
+@pytest.mark.parametrize("token_matching", ["pooled", "positional"])
+def test_masking_reference_pairs_leaves_no_raw_force_at_the_base_for_every_token(token_matching):
+    # Each token is paired with the same token of its own reference sample; a wrong pairing would leave a force.
+    reference = torch.randn(8, 3, 5, generator=torch.Generator().manual_seed(0))
+    masked = reference_term(reference.clone(), reference, True, token_matching).diagnostics
+    authors = reference_term(reference.clone(), reference, False, token_matching).diagnostics
+    for radius in RADII:
+        key = f"drift_rms_{radius:g}"
+        assert (masked[key] < 1e-4 * authors[key]).all(), (radius, masked[key], authors[key])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The DrPO objective over feature keys (docs/method.md §2) and its chunked form (docs/method.md §4)
 # ---------------------------------------------------------------------------------------------------------------

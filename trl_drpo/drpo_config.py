@@ -215,7 +215,14 @@ class DrPOConfig(TrainingArguments):
             chosen as a positive then finds itself at distance zero, which inflates its positive mass and pushes it
             away from the negatives at full strength (docs/method.md §2). `True` leaves it pulled by the other
             positives and pushed by the negatives with their natural masses, which keeps winning candidates where
-            they are; the digit-world preset sets it.
+            they are (benchmarks/README.md, "Overfitting a few captions").
+        mask_reference_pairs (`bool`, *optional*, defaults to `False`):
+            Mask each candidate's own reference sample (the base's sample from the same noise) in the reference
+            term. The authors' estimator does not: that sample, at distance zero at the base, inflates the attracting
+            mass, so near the base the term pushes the candidates away from their set's centroid (it spreads the set)
+            rather than back to the base. `True` turns it into a pull of the set as a whole back towards the
+            reference set; neither pulls a single candidate back to its own reference sample (docs/method.md §2,
+            benchmarks/README.md, "Where the reference term points").
         token_matching (`str`, *optional*, defaults to `"pooled"`):
             How the tokens of a feature key meet in the kernel: `"pooled"` (the authors') puts every token of every
             candidate of a prompt in one set; `"positional"` makes one set per token position, so a token is pulled
@@ -353,6 +360,9 @@ class DrPOConfig(TrainingArguments):
     drift_step: float = field(default=1.0, metadata={"help": "Multiplier on the normalised drift."})
     mask_anchor_copies: bool = field(
         default=False, metadata={"help": "Mask each candidate's own copy among the preference anchors."}
+    )
+    mask_reference_pairs: bool = field(
+        default=False, metadata={"help": "Mask each candidate's own reference sample in the reference term."}
     )
     token_matching: str = field(
         default="pooled", metadata={"help": "Kernel sets of tokens: pooled (one per prompt) or positional."}

@@ -31,6 +31,7 @@ class DriftHyperparams:
     aggregation: str = "sum"
     drift_step: float = 1.0
     mask_anchor_copies: bool = False
+    mask_reference_pairs: bool = False
     token_matching: str = "pooled"
 
     def __post_init__(self) -> None:
@@ -218,6 +219,9 @@ def drpo_targets(
                 radii=params.reference_radii,
                 kernel=params.kernel,
                 mask_self_negatives=True,
+                # Reference sample c comes from candidate c's noise: masking that pair makes the field compare the
+                # two sets without the sample itself, so it vanishes at the base instead of pushing samples apart.
+                positive_sources=torch.arange(gen_set.shape[1]) if params.mask_reference_pairs else None,
                 drift_step=params.drift_step,
             )
             terms[key].append((key_factor * params.reference_loss_weight, ref))
