@@ -554,8 +554,7 @@ def reference_term(current, reference, mask_reference_pairs=False, token_matchin
 
 def reference_field_of(current, reference, mask_reference_pairs=False):
     """The normalised reference field ``(K, D)`` at one-token features ``(K, D)``."""
-    term = reference_term(current[:, None], reference[:, None], mask_reference_pairs)
-    return (term.goal - current[None] / term.sigma.view(-1, 1, 1))[0]
+    return module_field(reference_term(current[:, None], reference[:, None], mask_reference_pairs), current[None])[0]
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -573,7 +572,8 @@ def test_the_authors_reference_field_at_the_base_pushes_every_sample_away_from_t
 def test_masking_reference_pairs_pulls_a_shifted_set_back_without_spreading_it(seed):
     g = torch.Generator().manual_seed(seed)
     reference = torch.randn(24, 64, generator=g)
-    current = reference + 0.3 * 8 * torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
+    # one common shift of 0.3 times the set's spread (1 per coordinate, so sqrt(64) in norm)
+    current = reference + 0.3 * 64**0.5 * torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
     field = reference_field_of(current, reference, mask_reference_pairs=True)
     back = torch.nn.functional.cosine_similarity(field, reference - current, dim=1)
     outwards = torch.nn.functional.cosine_similarity(field, current - current.mean(0), dim=1)
