@@ -195,7 +195,8 @@ class DrPOConfig(TrainingArguments):
         positive_weight (`float`, *optional*, defaults to `3000.0`):
             Kernel weight of each positive anchor in the preference field (the paper's "eta").
         negative_weight (`float`, *optional*, defaults to `3000.0`):
-            Kernel weight of each negative anchor in the preference field.
+            Kernel weight of each negative anchor in the preference field, against weight 1 for each candidate, which
+            repels the others too; `0.0` leaves the candidates as the only repelling set (docs/method.md §2).
         reference_weight (`float`, *optional*, defaults to `3000.0`):
             Kernel weight of each reference (base-generator) sample in the reference field.
         reference_negative_weight (`float`, *optional*, defaults to `3000.0`):
