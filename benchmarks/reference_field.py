@@ -61,7 +61,7 @@ def reference_field(current: torch.Tensor, reference: torch.Tensor, mask_referen
     anchors = {"phi": current[None, :1, None]}  # the preference term is built too; only the reference term is read
     targets = drpo_targets(generated, anchors, anchors, {"phi": reference[None, :, None]}, params)
     _, term = targets.terms["phi"][1]
-    return term.field[0]
+    return term.field_at(current[None])[0]
 
 
 def measure(dims: Sequence[int] = (4, 64, 512), seeds: int = 10, k: int = 24) -> dict[str, Any]:

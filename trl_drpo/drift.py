@@ -7,8 +7,8 @@ normalised kernel dipole" of the Drifting-model paper), and the preference / ref
 Shapes follow one convention: a *set* of features is ``(B, N, D)``; ``B`` independent sets (one per prompt in the
 trainer) are processed in parallel and never interact. The public entry points are:
 
-- `drift_field` -> `DriftTarget`: the stop-gradient goal ``sg(x/sigma + V)`` for one set, the field ``V`` and
-  diagnostics;
+- `drift_field` -> `DriftTarget`: the stop-gradient goal ``sg(x/sigma + V)`` for one set, plus diagnostics
+  (`DriftTarget.field_at` gives back ``V``);
 - `drift_loss`: the estimator's loss for one set, ``mean_{i,d} (G/sigma - goal)^2`` per row;
 
 The DrPO objective over feature keys, built on this estimator, lives in `trl_drpo.objective`.
@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from dataclasses import field as dataclass_field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -79,20 +78,22 @@ class DriftTarget:
     Attributes:
         goal: ``(B, N, D)`` detached goal ``x/sigma + V`` in scaled coordinates.
         sigma: ``(B,)`` per-row coordinate scale ``max(1e-3, s / sqrt(D))``.
-        field: ``(B, N, D)`` detached field ``V`` itself (``drift_step`` times the sum over radii of the per-radius
-            normalised forces), in scaled coordinates: where each sample is sent, without its position.
         diagnostics: detached scalars per row, see `drift_field`.
     """
 
     goal: torch.Tensor
     sigma: torch.Tensor
-    field: torch.Tensor
-    diagnostics: dict[str, torch.Tensor] = dataclass_field(default_factory=dict)
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> DriftTarget:
-        """Move the goal, the scale and the field to `device`, in place; returns `self`."""
-        self.goal, self.sigma, self.field = self.goal.to(device), self.sigma.to(device), self.field.to(device)
+        """Move the goal and the scale to `device`, in place; returns `self`."""
+        self.goal, self.sigma = self.goal.to(device), self.sigma.to(device)
         return self
+
+    def field_at(self, generated: torch.Tensor) -> torch.Tensor:
+        """The field ``drift_step * V`` at the features ``generated`` ``(B, N, D)`` it was estimated at: the goal
+        minus the scaled point, ``(B, N, D)`` float32 in scaled coordinates (where each sample is sent)."""
+        return self.goal - generated.detach().float() / self.sigma.view(-1, 1, 1)
 
     def loss(self, generated: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Regression loss of ``generated`` (particles ``start:start+n`` of the set) onto the goal, per row.
@@ -150,8 +151,7 @@ def drift_field(
         self_mask_penalty: logit penalty ``penalty / r`` on masked self pairs.
 
     Returns:
-        A `DriftTarget` whose ``goal`` is ``x/sigma + drift_step * V`` with ``V = sum_r F_r / rms(F_r)`` (its
-        ``field`` is ``drift_step * V``), and
+        A `DriftTarget` whose ``goal`` is ``x/sigma + drift_step * V`` with ``V = sum_r F_r / rms(F_r)``, and
         diagnostics ``feature_scale`` (s), ``feature_scale_per_dim`` (sigma), ``drift_rms_{r}`` (the RMS of the
         raw force at each radius, before normalisation), ``mean_dist_pos`` and ``mean_dist_neg``.
     """
@@ -246,8 +246,8 @@ def drift_field(
         diagnostics["mean_dist_pos"] = dist[..., n_neg_side:].mean(dim=(1, 2))
         if n_neg:
             diagnostics["mean_dist_neg"] = dist[..., n_gen:n_neg_side].mean(dim=(1, 2))
-        drift = drift_step * field_sum
-    return DriftTarget(goal=x_scaled + drift, sigma=sigma, field=drift, diagnostics=diagnostics)
+        goal = x_scaled + drift_step * field_sum
+    return DriftTarget(goal=goal, sigma=sigma, diagnostics=diagnostics)
 
 
 def drift_loss(

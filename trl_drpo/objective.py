@@ -95,8 +95,8 @@ class DrPOTargets:
     token_matching: str = "pooled"
 
     def to(self, device: torch.device | str) -> DrPOTargets:
-        """Move the stored goals, scales and fields to `device`, in place (the regression runs where the features
-        live); returns `self`."""
+        """Move the stored goals and scales to `device`, in place (the regression runs where the features live);
+        returns `self`."""
         for terms in self.terms.values():
             for _, term in terms:
                 term.to(device)
