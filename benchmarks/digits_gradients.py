@@ -1,15 +1,20 @@
 """How much of a DrPO update on the digit world comes from the reward: LoRA gradients of single micro-steps compared.
 
-For each caption and two noise draws, one DrPO micro-step (`trl_drpo.step.micro_step`, the trainer's own) is run on
-the shipped base with the verifier's ranking and again with that ranking reversed. Writing g (true ranking) and r
-(reversed), the part of the gradient the reward decides is s = (g - r) / 2 and the part it does not is c = (g + r) / 2.
+For each caption and `NUM_DRAWS` noise draws of its own, one DrPO micro-step (`trl_drpo.step.micro_step`, the
+trainer's own) is run on the shipped base with the verifier's ranking and again with that ranking reversed. Writing g
+(true ranking) and r (reversed), the part of the gradient the reward decides is s = (g - r) / 2 and the part it does
+not is c = (g + r) / 2.
 Reported, per setting:
 
 - ``cos_true_reversed``: cos(g, r); near 1 means the update hardly depends on which candidates won;
 - ``signal_to_common``: |s| / |c|;
-- ``signal_consistency``: cos(s1, s2) between two noise draws of the same caption; near 0 means each update's
-  reward-driven direction is mostly sampling noise;
+- ``signal_consistency``: cos(s1, s2) between two noise draws of the same caption, averaged over the pairs of draws;
+  near 0 means each update's reward-driven direction is mostly sampling noise;
 - ``signal_cross_caption``: cos between the signals of different captions.
+
+The last settings grow K (one feature token per image, each candidate's own anchor copy masked, no reference term),
+with a control in which the verifier's scores are replaced by random ones: a ranking that means nothing must give a
+signal that does not repeat from one noise draw to the next.
 
     python -m benchmarks.digits_gradients   # writes benchmarks/results/digits_gradients.json (a few minutes)
 """
@@ -49,6 +54,23 @@ SETTINGS = {
         "preference_radii": [0.5, 1.0, 2.0],
     },
 }
+_ONE_TOKEN_MASKED = {
+    "reference_loss_weight": 0.0,
+    "mask_anchor_copies": True,
+    "feature_map_kwargs": {"spatial_tokens": False},
+}
+for _k in (16, 64, 128, 256):
+    SETTINGS[f"one token per image, masked, no reference, K={_k} ({_k // 4}/{_k // 4})"] = {
+        **_ONE_TOKEN_MASKED,
+        "num_generations": _k,
+        "num_positives": _k // 4,
+        "num_negatives": _k // 4,
+    }
+SETTINGS["the same, K=128, random scores in place of the verifier's (control)"] = {
+    **SETTINGS["one token per image, masked, no reference, K=128 (32/32)"],
+    "_random_scores": True,
+}
+NUM_DRAWS = 3
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "digits_gradients.json")
 
 
@@ -57,7 +79,10 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def measure(overrides: dict[str, Any], output_dir: str) -> dict[str, Any]:
-    """The statistics above for one `DrPOConfig` on top of the "digits" preset."""
+    """The statistics above for one `DrPOConfig` on top of the "digits" preset (`overrides`; the key
+    ``"_random_scores": True`` ranks by seeded random scores instead of the verifier's)."""
+    overrides = dict(overrides)
+    random_scores = overrides.pop("_random_scores", False)
     config = DrPOConfig.from_preset("digits", output_dir=output_dir, report_to="none", **overrides)
     trainer = DrPOTrainer(load_pipeline(), reward_fn("score"), config, train_dataset=list(CAPTIONS))
     params = list(trainer.generator.trainable_parameters())
@@ -68,6 +93,8 @@ def measure(overrides: dict[str, Any], output_dir: str) -> dict[str, Any]:
 
         def scorer(images, prompts):
             scores = trainer.reward_funcs(images, prompts)
+            if random_scores:  # seeded by the noise draw, so that g and r rank the same random scores
+                scores = torch.rand(scores.shape, generator=torch.Generator().manual_seed(seed))
             return scores, sign * trainer.reward_funcs.ranking(scores, 1)
 
         noise = torch.Generator().manual_seed(seed)
@@ -76,21 +103,27 @@ def measure(overrides: dict[str, Any], output_dir: str) -> dict[str, Any]:
         return torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in params])
 
     rows, signals = [], {}
-    for caption in CAPTIONS:
-        g1, r1, g2, r2 = (gradient(caption, seed, sign) for seed in (1, 2) for sign in (1.0, -1.0))
-        signals[caption] = ((g1 - r1) / 2, (g2 - r2) / 2)
+    for index, caption in enumerate(CAPTIONS):
+        # Each caption its own noise draws, so that the captions' statistics are independent samples.
+        pairs = [(gradient(caption, 1000 * index + d, 1.0), gradient(caption, 1000 * index + d, -1.0)) for d in
+                 range(NUM_DRAWS)]  # fmt: skip
+        signals[caption] = [(g - r) / 2 for g, r in pairs]
         rows.append(
             {
                 "caption": caption,
-                "cos_true_reversed": round(_cos(g1, r1), 3),
-                "signal_to_common": round(float((g1 - r1).norm() / (g1 + r1).norm().clamp_min(1e-12)), 3),
-                "signal_consistency": round(_cos(*signals[caption]), 3),
+                "cos_true_reversed": round(statistics.mean(_cos(g, r) for g, r in pairs), 3),
+                "signal_to_common": round(
+                    statistics.mean(float((g - r).norm() / (g + r).norm().clamp_min(1e-12)) for g, r in pairs), 3
+                ),
+                "signal_consistency": round(
+                    statistics.mean(_cos(a, b) for a, b in itertools.combinations(signals[caption], 2)), 3
+                ),
             }
         )
-    cross = [_cos(signals[a][0], signals[b][1]) for a, b in itertools.combinations(CAPTIONS, 2)]
+    cross = [_cos(signals[a][0], signals[b][0]) for a, b in itertools.combinations(CAPTIONS, 2)]
     summary = {key: round(statistics.mean(row[key] for row in rows), 3) for key in rows[0] if key != "caption"}
     return {
-        "overrides": overrides,
+        "overrides": {**overrides, **({"_random_scores": True} if random_scores else {})},
         "per_caption": rows,
         "mean": {**summary, "signal_cross_caption": round(statistics.mean(cross), 3)},
     }

@@ -269,6 +269,19 @@ def test_digits_gradient_probe_reports_finite_statistics(tmp_path, monkeypatch):
     assert len(result["per_caption"]) == 2
 
 
+def test_digits_gradient_probe_control_ranks_by_random_scores_that_reversal_negates(tmp_path, monkeypatch):
+    from benchmarks import digits_gradients
+
+    monkeypatch.setattr(digits_gradients, "CAPTIONS", ("two 7s", "a 6 above a 2"))
+    monkeypatch.setattr(digits_gradients, "NUM_DRAWS", 2)
+    settings = {"num_generations": 4, "num_positives": 1, "num_negatives": 1, "reference_loss_weight": 0.0}
+    result = digits_gradients.measure({**settings, "_random_scores": True}, str(tmp_path))
+    # Random scores never tie, so the reversed ranking swaps the anchors and the update flips (up to the candidates'
+    # own weight-1 repulsion, which both rankings share).
+    assert result["mean"]["cos_true_reversed"] < -0.99
+    assert result["overrides"]["_random_scores"] is True
+
+
 def test_rank_agreement_is_total_for_the_same_scores_and_tau_b_matches_scipy():
     from scipy.stats import kendalltau
 
