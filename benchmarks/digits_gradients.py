@@ -59,13 +59,17 @@ _ONE_TOKEN_MASKED = {
     "mask_anchor_copies": True,
     "feature_map_kwargs": {"spatial_tokens": False},
 }
-for _k in (16, 64, 128, 256):
-    SETTINGS[f"one token per image, masked, no reference, K={_k} ({_k // 4}/{_k // 4})"] = {
-        **_ONE_TOKEN_MASKED,
-        "num_generations": _k,
-        "num_positives": _k // 4,
-        "num_negatives": _k // 4,
+SETTINGS.update(
+    {
+        f"one token per image, masked, no reference, K={k} ({k // 4}/{k // 4})": {
+            **_ONE_TOKEN_MASKED,
+            "num_generations": k,
+            "num_positives": k // 4,
+            "num_negatives": k // 4,
+        }
+        for k in (16, 64, 128, 256)
     }
+)
 SETTINGS["the same, K=128, random scores in place of the verifier's (control)"] = {
     **SETTINGS["one token per image, masked, no reference, K=128 (32/32)"],
     "_random_scores": True,
@@ -81,9 +85,9 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def measure(overrides: dict[str, Any], output_dir: str) -> dict[str, Any]:
     """The statistics above for one `DrPOConfig` on top of the "digits" preset (`overrides`; the key
     ``"_random_scores": True`` ranks by seeded random scores instead of the verifier's)."""
-    overrides = dict(overrides)
-    random_scores = overrides.pop("_random_scores", False)
-    config = DrPOConfig.from_preset("digits", output_dir=output_dir, report_to="none", **overrides)
+    random_scores = overrides.get("_random_scores", False)
+    settings = {key: value for key, value in overrides.items() if key != "_random_scores"}
+    config = DrPOConfig.from_preset("digits", output_dir=output_dir, report_to="none", **settings)
     trainer = DrPOTrainer(load_pipeline(), reward_fn("score"), config, train_dataset=list(CAPTIONS))
     params = list(trainer.generator.trainable_parameters())
 
@@ -105,8 +109,9 @@ def measure(overrides: dict[str, Any], output_dir: str) -> dict[str, Any]:
     rows, signals = [], {}
     for index, caption in enumerate(CAPTIONS):
         # Each caption its own noise draws, so that the captions' statistics are independent samples.
-        pairs = [(gradient(caption, 1000 * index + d, 1.0), gradient(caption, 1000 * index + d, -1.0)) for d in
-                 range(NUM_DRAWS)]  # fmt: skip
+        pairs = [
+            tuple(gradient(caption, 1000 * index + draw, sign) for sign in (1.0, -1.0)) for draw in range(NUM_DRAWS)
+        ]
         signals[caption] = [(g - r) / 2 for g, r in pairs]
         rows.append(
             {
@@ -123,7 +128,7 @@ def measure(overrides: dict[str, Any], output_dir: str) -> dict[str, Any]:
     cross = [_cos(signals[a][0], signals[b][0]) for a, b in itertools.combinations(CAPTIONS, 2)]
     summary = {key: round(statistics.mean(row[key] for row in rows), 3) for key in rows[0] if key != "caption"}
     return {
-        "overrides": {**overrides, **({"_random_scores": True} if random_scores else {})},
+        "overrides": overrides,
         "per_caption": rows,
         "mean": {**summary, "signal_cross_caption": round(statistics.mean(cross), 3)},
     }
