@@ -282,6 +282,26 @@ def test_digits_gradient_probe_control_ranks_by_random_scores_that_reversal_nega
     assert result["overrides"]["_random_scores"] is True
 
 
+def test_digits_ceiling_holds_the_best_candidates_and_sends_the_rest_to_the_nearest_best():
+    from benchmarks.digits_ceiling import nearest_best
+
+    latents = torch.tensor([[0.0, 0.0], [2.9, 0.0], [3.0, 0.0], [0.1, 0.0]]).view(4, 1, 2)
+    targets = nearest_best(latents, torch.tensor([1.0, 0.5, 1.0, 0.2]))
+    assert torch.equal(targets, latents[[0, 2, 2, 0]])
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_digits_ceiling_at_learning_rate_zero_evaluates_what_it_fits_on_the_base(online):
+    from benchmarks import digits_ceiling
+
+    setting = {"train": "unet+text_encoder", "split": "train", "learning_rate": 0.0, "steps": 2,
+               "num_candidates": 4, "batch_size": 8, "evals": 1, "online": online}  # fmt: skip
+    result = digits_ceiling.measure(setting, eval_per_category=1, train_per_category=1)
+    assert result["candidates"] == 6 * 4
+    assert result["history"][-1]["fit"] == result["fit_base"]
+    assert result["history"][-1]["verifier"] == result["base"]["verifier"]
+
+
 def test_rank_agreement_is_total_for_the_same_scores_and_tau_b_matches_scipy():
     from scipy.stats import kendalltau
 
