@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trl_drpo.drpo_config import PRESETS
 from trl_drpo.generators import OneStepGenerator
 from trl_drpo.generators.embeds import PromptEmbeds
 from trl_drpo.worlds.digits import load_pipeline
@@ -97,9 +98,9 @@ def _encode(pipe: Any, generator: OneStepGenerator, captions: list[str]) -> Prom
     return PromptEmbeds(prompt_embeds=embeds)
 
 
-def _pass_rate(generator: OneStepGenerator, embeds: PromptEmbeds, noise: Tensor, captions: list[str]) -> float:
+def _pass_rate(generator: OneStepGenerator, noise: Tensor, captions: list[str]) -> float:
     with torch.no_grad():
-        images = generator.decode(generator.sample(embeds, noise))
+        images = generator.decode(generator.sample(generator.encode_prompts(captions), noise))
     return 100.0 * sum(result["passed"] for result in verify(images, captions)) / len(captions)
 
 
@@ -111,7 +112,7 @@ def _ranked(generator: OneStepGenerator, caption: str, noise: Tensor) -> tuple[T
     return nearest_best(latents, scores), scores == scores.max()
 
 
-def _mean_tables(result: dict[str, Any]) -> dict[str, Any]:
+def _rounded_tables(result: dict[str, Any]) -> dict[str, Any]:
     return {who: {key: round(value, 1) for key, value in table.items()} for who, table in result.items()}
 
 
@@ -144,7 +145,7 @@ def measure(
 
     trains_text_encoder = setting["train"] == "unet+text_encoder"
     if setting["train"] == "lora":
-        params = generator.add_lora(rank=8, alpha=8)
+        params = generator.add_lora(rank=PRESETS["digits"]["lora_rank"], alpha=PRESETS["digits"]["lora_alpha"])
     else:
         generator.denoiser.requires_grad_(True)
         params = list(generator.denoiser.parameters())
@@ -155,7 +156,7 @@ def measure(
     frozen_embeds = generator.encode_prompts(captions)
     probe = torch.arange(0, len(owners), max(1, len(owners) // 1024))
     probe_captions = [captions[i] for i in owners[probe].tolist()]
-    fit_base = round(_pass_rate(generator, frozen_embeds.select(owners[probe]), noises[probe], probe_captions), 1)
+    fit_base = round(_pass_rate(generator, noises[probe], probe_captions), 1)
 
     steps, batch_size = setting["steps"], setting.get("batch_size", BATCH_SIZE)
     every = max(1, steps // setting.get("evals", NUM_EVALS))
@@ -181,15 +182,13 @@ def measure(
         optimizer.step()
         train_seconds += time.time() - began
         if step % every == 0 or step == steps:
-            with torch.no_grad():
-                probe_embeds = generator.encode_prompts(probe_captions)
             history.append(
                 {
                     "step": step,
                     "train_seconds": round(train_seconds, 1),
                     "loss": round(loss.item(), 5),
-                    "fit": round(_pass_rate(generator, probe_embeds, noises[probe], probe_captions), 1),
-                    **_mean_tables(evaluate_pipeline(pipe, cases)),
+                    "fit": round(_pass_rate(generator, noises[probe], probe_captions), 1),
+                    **_rounded_tables(evaluate_pipeline(pipe, cases)),
                 }
             )
             row = history[-1]
@@ -200,7 +199,7 @@ def measure(
         "best_scoring_percent": round(100.0 * float(torch.cat(best).float().mean()), 1),
         "fit_base": fit_base,
         "targets_seconds": round(targets_seconds, 1),
-        "base": _mean_tables(base),
+        "base": _rounded_tables(base),
         "history": history,
     }
 
