@@ -117,14 +117,18 @@ def _rounded_tables(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(
-    setting: dict[str, Any], eval_per_category: int = EVAL_PER_CATEGORY, train_per_category: int = TRAIN_PER_CATEGORY
+    setting: dict[str, Any],
+    eval_per_category: int = EVAL_PER_CATEGORY,
+    train_per_category: int = TRAIN_PER_CATEGORY,
+    pretrained_model_name_or_path: str | None = None,
 ) -> dict[str, Any]:
     """Train one `setting` of `SETTINGS` (keys ``train`` in {"lora", "unet", "unet+text_encoder"}, ``split`` in
     {"train", "test"}, ``learning_rate``, ``steps``; optional ``num_candidates``, ``batch_size``, ``evals``, and
     ``online``: rank fresh candidates under the current weights at every update instead of the base's fixed ones) on
-    the winners' targets and return its base and evaluation history."""
+    the winners' targets and return its base and evaluation history. `pretrained_model_name_or_path`: another
+    digit-world pipeline folder in place of the shipped base."""
     torch.manual_seed(0)
-    pipe = load_pipeline()
+    pipe = load_pipeline(pretrained_model_name_or_path=pretrained_model_name_or_path)
     generator = OneStepGenerator.from_pipeline(pipe)
     cases = eval_cases(eval_per_category)
     base = evaluate_pipeline(pipe, cases)
@@ -207,17 +211,25 @@ def measure(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="A digit-world pipeline folder (the shipped base if unset).",
+    )
+    parser.add_argument("--results", default=RESULTS, help="The JSON file the settings' results are merged into.")
     args = parser.parse_args(argv)
     report = {"settings": {}}
-    if os.path.exists(RESULTS):
-        with open(RESULTS, encoding="utf-8") as handle:
+    if os.path.exists(args.results):
+        with open(args.results, encoding="utf-8") as handle:
             report = json.load(handle)
     for name in args.settings:
         print(name, flush=True)
-        report["settings"][name] = measure(SETTINGS[name])
+        report["settings"][name] = measure(
+            SETTINGS[name], pretrained_model_name_or_path=args.pretrained_model_name_or_path
+        )
         report["machine"] = machine_info()
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, "w", encoding="utf-8") as handle:
+        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+        with open(args.results, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=1)
 
 

@@ -34,6 +34,13 @@ class DigitsScriptArguments:
     eval_per_category: int = field(default=60, metadata={"help": "Held-out (caption, seed) pairs per category."})
     eval_every: int = field(default=150, metadata={"help": "Optimizer updates between evaluations during training."})
     best_of_k: bool = field(default=True, metadata={"help": "Also evaluate best-of-K sampling of the base."})
+    pretrained_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A digit-world pipeline folder to align instead of the shipped base (e.g. the `pipeline/` folder "
+            "of a `python -m trl_drpo.worlds.digits.pretrain` run with other settings)."
+        },
+    )
 
 
 if __name__ == "__main__":
@@ -46,6 +53,7 @@ if __name__ == "__main__":
         eval_per_category=script_args.eval_per_category,
         eval_every=script_args.eval_every,
         best_of=script_args.best_of_k,
+        pretrained_model_name_or_path=script_args.pretrained_model_name_or_path,
     )
     trainer.save_model(config.output_dir)
     trainer.create_model_card(eval_description=report["card_eval_description"])

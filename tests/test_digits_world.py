@@ -329,3 +329,29 @@ def test_the_teacher_stage_trains_the_caption_read_back_when_asked(tmp_path):
     assert (tmp_path / "teacher_unet").is_dir() and (tmp_path / "text_encoder").is_dir()
     log = json.loads((tmp_path / "pretrain_log.json").read_text())
     assert log["settings"]["caption_parse_weight"] == 0.1 and np.isfinite(log["teacher"]["history"][-1][2])
+
+
+def test_the_teacher_samples_without_guidance_from_the_conditional_prediction_alone():
+    from trl_drpo.worlds.digits.pretrain import build_components, teacher_sample, word_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer()
+    components = build_components(vocab_size=len(tokenizer))
+    unet, text_encoder = components["unet"].eval(), components["text_encoder"].eval()
+    noise = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    captions = ["a 7", "a red 2 and a blue 6"]
+    unguided = teacher_sample(unet, text_encoder, tokenizer, captions, noise, steps=3, guidance=1.0)
+    # Just above 1 the sampler mixes in the unconditional prediction, whose weight (guidance - 1) is then negligible.
+    nearly = teacher_sample(unet, text_encoder, tokenizer, captions, noise, steps=3, guidance=1.0 + 1e-6)
+    torch.testing.assert_close(unguided, nearly, rtol=1e-4, atol=1e-4)
+
+
+def test_load_pipeline_loads_another_digit_world_folder_when_given_one(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    config_path = tmp_path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["timestep_spacing"] = "leading"  # a mark that only this folder carries
+    config_path.write_text(json.dumps(config))
+    other = digits.load_pipeline(pretrained_model_name_or_path=str(tmp_path))
+    assert other.scheduler.config.timestep_spacing == "leading"
+    assert digits.load_pipeline().scheduler.config.timestep_spacing == "trailing"

@@ -45,20 +45,25 @@ __all__ = [
 ]
 
 
-def load_pipeline(device: str = "cpu", torch_dtype: Any = None):
+def load_pipeline(device: str = "cpu", torch_dtype: Any = None, pretrained_model_name_or_path: str | None = None):
     """The shipped one-step base: a `StableDiffusionPipeline` served like SD-Turbo,
     `pipe(prompt, num_inference_steps=1, guidance_scale=0.0)`, 32x32 images. Loaded offline from `BASE_DIR`.
 
     Args:
         device: where to put it ("cpu" by default).
         torch_dtype: parameter dtype; float32 by default.
+        pretrained_model_name_or_path: another local digit-world pipeline folder to load instead of the shipped base
+            (for example the ``pipeline/`` folder of a `trl_drpo.worlds.digits.pretrain` run with other settings).
+
+    Raises:
+        OSError: from diffusers, when the folder holds no pipeline.
     """
     import torch
     from diffusers import StableDiffusionPipeline
 
     with _loading_bars_off():  # a few-MB local folder: loading bars would only clutter every run's output
         pipe = StableDiffusionPipeline.from_pretrained(
-            BASE_DIR, dtype=torch_dtype or torch.float32, local_files_only=True
+            pretrained_model_name_or_path or BASE_DIR, dtype=torch_dtype or torch.float32, local_files_only=True
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -63,6 +63,7 @@ def align(
     best_of: bool = True,
     callbacks: list | None = None,
     progress_bar: Any = None,
+    pretrained_model_name_or_path: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Evaluate the base, train a DrPO adapter on the train captions with the verifier's dense score as the reward,
     and evaluate the tuned pipeline.
@@ -75,6 +76,8 @@ def align(
         best_of: also evaluate best-of-K sampling of the base (K = `config.num_generations`).
         callbacks: extra `transformers.TrainerCallback`s.
         progress_bar: a `transformers.ProgressCallback` replacing the default training bar (when tqdm is on).
+        pretrained_model_name_or_path: a digit-world pipeline folder to align instead of the shipped base (see
+            `load_pipeline`).
 
     Returns:
         `(trainer, report)`: the trainer (its pipeline serves the tuned model) and a JSON-able dict with "base",
@@ -83,7 +86,7 @@ def align(
     """
     from ...drpo_trainer import DrPOTrainer
 
-    pipe = load_pipeline()
+    pipe = load_pipeline(pretrained_model_name_or_path=pretrained_model_name_or_path)
     cases = eval_cases(eval_per_category)
     rows: dict[str, Any] = {"base": evaluate_pipeline(pipe, cases)}
     if best_of:

@@ -13,7 +13,7 @@ Four stages, each saved to ``output_dir`` so that a stage can be rerun alone (``
    each object's digit and colour, the relation), so that the encoder tells "left of" from "right of" and which colour
    goes with which digit (see `caption_parse_targets`).
 3. ``pairs``: the teacher samples latents from fixed noise with a deterministic multi-step sampler (DDIM with
-   guidance), giving `(noise, caption) -> latent` pairs.
+   guidance; at ``--guidance 1`` the conditional prediction alone), giving `(noise, caption) -> latent` pairs.
 4. ``student``: a copy of the teacher is distilled into *one* step: the exact computation
    `pipe(prompt, num_inference_steps=1, guidance_scale=0.0, latents=noise)` runs (Euler, trailing spacing, so
    t=999) is regressed onto the teacher's latents. This is the SD-Turbo serving set-up, reached by regression on
@@ -399,7 +399,8 @@ def _load_teacher(args):
 
 @torch.no_grad()
 def teacher_sample(unet, text_encoder, tokenizer, captions, noise, steps: int, guidance: float) -> torch.Tensor:
-    """DDIM (eta 0) with classifier-free guidance from `noise` (standard normal latents) to clean latents."""
+    """DDIM (eta 0) with classifier-free guidance from `noise` (standard normal latents) to clean latents; at
+    `guidance` 1 the conditional prediction alone (the unconditional one would cancel), at half the cost."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(
@@ -414,12 +415,16 @@ def teacher_sample(unet, text_encoder, tokenizer, captions, noise, steps: int, g
     scheduler.set_timesteps(steps)
     cond = encode_text(tokenizer, text_encoder, list(captions))
     uncond = encode_text(tokenizer, text_encoder, [""]).expand_as(cond)
-    embeds = torch.cat([uncond, cond])
     x = noise.clone()
     for t in scheduler.timesteps:
-        out = unet(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample
-        out_uncond, out_cond = out.chunk(2)
-        x = scheduler.step(out_uncond + guidance * (out_cond - out_uncond), t, x).prev_sample
+        if guidance == 1.0:
+            prediction = unet(x, t, encoder_hidden_states=cond).sample
+        else:
+            out_uncond, out_cond = unet(
+                torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])
+            ).sample.chunk(2)
+            prediction = out_uncond + guidance * (out_cond - out_uncond)
+        x = scheduler.step(prediction, t, x).prev_sample
     return x
 
 
