@@ -315,6 +315,8 @@ def test_the_digits_yaml_reproduces_the_digits_preset(tmp_path):
 
 @pytest.mark.slow
 def test_the_digits_example_runs_its_documented_command_at_toy_length(tmp_path):
+    from trl_drpo.worlds.digits import BASE_DIR
+
     script = os.path.join(EXAMPLES, "train_digits.py")
     docstring = open(script, encoding="utf-8").read()
     assert "python examples/train_digits.py --config examples/configs/digits.yaml" in docstring
@@ -323,6 +325,8 @@ def test_the_digits_example_runs_its_documented_command_at_toy_length(tmp_path):
     # The documented run is 1500 updates (about 20 minutes); the same command, cut to two updates and a small eval.
     cmd += ["--output_dir", str(out), "--max_steps", "2", "--eval_per_category", "4", "--eval_every", "1"]
     cmd += ["--disable_tqdm", "true"]
+    # The flag that aligns another pretraining run's pipeline folder, given the shipped base's folder.
+    cmd += ["--pretrained_model_name_or_path", BASE_DIR]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
