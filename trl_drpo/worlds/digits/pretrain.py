@@ -414,16 +414,16 @@ def teacher_sample(unet, text_encoder, tokenizer, captions, noise, steps: int, g
     )
     scheduler.set_timesteps(steps)
     cond = encode_text(tokenizer, text_encoder, list(captions))
-    uncond = encode_text(tokenizer, text_encoder, [""]).expand_as(cond)
+    guided = guidance != 1.0
+    if guided:  # one batch of unconditional then conditional rows, built once for every step
+        embeds = torch.cat([encode_text(tokenizer, text_encoder, [""]).expand_as(cond), cond])
     x = noise.clone()
     for t in scheduler.timesteps:
-        if guidance == 1.0:
-            prediction = unet(x, t, encoder_hidden_states=cond).sample
-        else:
-            out_uncond, out_cond = unet(
-                torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])
-            ).sample.chunk(2)
+        if guided:
+            out_uncond, out_cond = unet(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample.chunk(2)
             prediction = out_uncond + guidance * (out_cond - out_uncond)
+        else:
+            prediction = unet(x, t, encoder_hidden_states=cond).sample
         x = scheduler.step(prediction, t, x).prev_sample
     return x
 
