@@ -18,8 +18,9 @@ of them, over the "digits" preset.
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
+from transformers import TrainingArguments
 from trl import TrlParser
 
 from trl_drpo import DrPOConfig
@@ -58,7 +59,17 @@ if __name__ == "__main__":
     trainer.save_model(config.output_dir)
     trainer.create_model_card(eval_description=report["card_eval_description"])
 
-    report["settings"] = {k: v for k, v in config.to_dict().items() if k in PRESETS["digits"] or k == "max_steps"}
+    # The run's method settings: the preset's fields, the run's length and seed, and every DrPO field set away from its
+    # default, so that a recipe given as flags or YAML over the preset is recorded whole.
+    inherited = {f.name for f in fields(TrainingArguments)}
+    drpo_defaults = {
+        f.name: f.default if f.default is not MISSING else f.default_factory()
+        for f in fields(DrPOConfig)
+        if f.name not in inherited and (f.default is not MISSING or f.default_factory is not MISSING)
+    }
+    recorded = {*PRESETS["digits"], "max_steps", "seed"}
+    recorded |= {name for name, default in drpo_defaults.items() if getattr(config, name) != default}
+    report["settings"] = {k: v for k, v in config.to_dict().items() if k in recorded}
     with open(os.path.join(config.output_dir, "digits_report.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=1)
     with open(os.path.join(config.output_dir, "digits_report.md"), "w", encoding="utf-8") as handle:

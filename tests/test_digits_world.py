@@ -355,3 +355,18 @@ def test_load_pipeline_loads_another_digit_world_folder_when_given_one(pipe, tmp
     other = digits.load_pipeline(pretrained_model_name_or_path=str(tmp_path))
     assert other.scheduler.config.timestep_spacing == "leading"
     assert digits.load_pipeline().scheduler.config.timestep_spacing == "trailing"
+
+
+def test_pretraining_chunks_draw_exactly_the_count_asked_for():
+    from trl_drpo.worlds.digits.pretrain import chunk_sizes
+
+    assert chunk_sizes(1024, 512) == [512, 512]  # a multiple: the chunks the shipped base was drawn in
+    assert chunk_sizes(600, 256) == [256, 256, 88] and chunk_sizes(16, 256) == [16]
+
+
+def test_pretraining_rejects_an_empty_stage_before_running_any(capsys):
+    from trl_drpo.worlds.digits.pretrain import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--num_pairs", "0"])
+    assert "--num_pairs must be at least 1" in capsys.readouterr().err

@@ -313,6 +313,21 @@ def test_the_digits_yaml_reproduces_the_digits_preset(tmp_path):
         assert getattr(config, name) == value, name
 
 
+def yaml_commands(name: str) -> tuple[str, list[str]]:
+    """A recipe's path under examples/configs and the commands written in its header comment (``#   command``)."""
+    yaml_path = os.path.join(EXAMPLES, "configs", name)
+    with open(yaml_path, encoding="utf-8") as handle:
+        return yaml_path, [line.strip("# ").strip() for line in handle if line.startswith("#   ")]
+
+
+def run_offline(commands: list[list[str]]) -> None:
+    """Run each command in turn from the repository root, offline and on one thread, each one required to succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for cmd in commands:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.mark.slow
 def test_the_digits_example_runs_its_documented_command_at_toy_length(tmp_path):
     from trl_drpo.worlds.digits import BASE_DIR
@@ -327,19 +342,60 @@ def test_the_digits_example_runs_its_documented_command_at_toy_length(tmp_path):
     cmd += ["--disable_tqdm", "true"]
     # The flag that aligns another pretraining run's pipeline folder, given the shipped base's folder.
     cmd += ["--pretrained_model_name_or_path", BASE_DIR]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_offline([cmd])
     report = json.loads((out / "digits_report.json").read_text())
     assert {"base", "tuned", "best_of_k", "history", "table", "train_seconds"} <= set(report)
     assert [entry["step"] for entry in report["history"]] == [1, 2]
     assert (out / LORA_WEIGHT_NAME).is_file() and "| DrPO |" in (out / "digits_report.md").read_text()
 
 
+def test_the_unguided_digits_yaml_sets_the_recipe_over_the_digits_preset(tmp_path):
+    from trl import TrlParser
+
+    from trl_drpo import DrPOConfig
+
+    module = load_example("train_digits.py")
+    parser = TrlParser((module.DigitsScriptArguments, DrPOConfig))
+    parser.set_defaults(**PRESETS["digits"], output_dir="drpo-digits")
+    yaml_path = os.path.join(EXAMPLES, "configs", "digits_unguided.yaml")
+    script_args, config = parser.parse_args_and_config(["--config", yaml_path])
+    assert config.mask_anchor_copies and config.negative_weight == 0 and config.reference_loss_weight == 0
+    assert config.per_device_train_batch_size == 8 and config.max_steps == 900 and script_args.eval_every == 300
+    assert config.feature_map_kwargs == PRESETS["digits"]["feature_map_kwargs"]  # the rest is the preset's
+
+
+@pytest.mark.slow
+def test_the_unguided_digits_recipe_runs_its_documented_commands_at_toy_length(tmp_path):
+    yaml_path, documented = yaml_commands("digits_unguided.yaml")
+    assert documented == [
+        "python -m trl_drpo.worlds.digits.pretrain --output_dir digits-unguided --guidance 1.0",
+        "python examples/train_digits.py --config examples/configs/digits_unguided.yaml "
+        "--pretrained_model_name_or_path digits-unguided/pipeline",
+    ]
+    assert documented_commands(EXAMPLES_README, "digits-unguided") == documented
+    base, out = tmp_path / "digits-unguided", tmp_path / "drpo-digits-unguided"
+    # The documented commands, cut to a few steps of each pretraining stage, two updates and a small evaluation.
+    toy = ["--vae_steps", "2", "--vae_batch_size", "8", "--pool_size", "256", "--teacher_steps", "2"]
+    toy += ["--batch_size", "8", "--num_pairs", "16", "--teacher_steps_sample", "2", "--student_steps", "2"]
+    commands = [
+        [sys.executable, "-m", "trl_drpo.worlds.digits.pretrain", "--output_dir", str(base), "--guidance", "1.0"]
+        + toy
+        + ["--stages", "vae", "teacher", "pairs", "student"],
+        [sys.executable, os.path.join(EXAMPLES, "train_digits.py"), "--config", yaml_path]
+        + ["--pretrained_model_name_or_path", str(base / "pipeline"), "--output_dir", str(out), "--max_steps", "2"]
+        + ["--eval_per_category", "2", "--eval_every", "1", "--best_of_k", "false", "--disable_tqdm", "true"],
+    ]
+    run_offline(commands)
+    report = json.loads((out / "digits_report.json").read_text())
+    assert [entry["step"] for entry in report["history"]] == [1, 2]
+    # The report records the recipe's fields set over the preset, not only the preset's own.
+    assert report["settings"]["mask_anchor_copies"] is True and report["settings"]["negative_weight"] == 0
+    assert (out / LORA_WEIGHT_NAME).is_file()
+
+
 @pytest.mark.slow
 def test_the_offline_digits_recipe_runs_its_documented_commands_at_toy_length(tmp_path):
-    yaml_path = os.path.join(EXAMPLES, "configs", "digits_offline.yaml")
-    documented = [line.strip("# ").strip() for line in open(yaml_path, encoding="utf-8") if line.startswith("#   ")]
+    yaml_path, documented = yaml_commands("digits_offline.yaml")
     assert documented == [
         "python -m trl_drpo.worlds.digits.preferences --output_dir digits-preferences",
         "trl-drpo train --config examples/configs/digits_offline.yaml",
@@ -355,10 +411,7 @@ def test_the_offline_digits_recipe_runs_its_documented_commands_at_toy_length(tm
         [sys.executable, "-m", "trl_drpo.worlds.digits.evaluation", "--lora", str(out), "--per_category", "2"]
         + ["--output_file", str(tmp_path / "eval.json")],
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for cmd in commands:
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
-        assert result.returncode == 0, result.stderr[-4000:]
+    run_offline(commands)
     assert (out / LORA_WEIGHT_NAME).is_file()
     tables = json.loads((tmp_path / "eval.json").read_text())
     assert set(tables) == {"base", "tuned"}

@@ -323,6 +323,12 @@ def train_vae(args, log: Log) -> None:
     log.update("vae", scaling_factor=scaling, recon_mse=float(((recon - x) ** 2).mean()))
 
 
+def chunk_sizes(total: int, size: int) -> list[int]:
+    """`total` items in chunks of `size`, the last one smaller when `size` does not divide `total` (so a chunked
+    stage draws exactly the count asked for, and the same draws as before for a multiple of `size`)."""
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
 def _load_vae(args):
     from diffusers import AutoencoderKL
 
@@ -333,8 +339,8 @@ def _latent_pool(args, vae) -> tuple[torch.Tensor, list[str]]:
     sampler = CaptionSampler(args.seed + 1)
     latents, captions = [], []
     with torch.no_grad():
-        for _ in range(args.pool_size // 512):
-            items = sampler.items(512)
+        for size in chunk_sizes(args.pool_size, 512):
+            items = sampler.items(size)
             x = sampler.scenes(items)
             latents.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
             captions.extend(item["prompt"] for item in items)
@@ -435,9 +441,9 @@ def make_pairs(args, log: Log) -> None:
     sampler = CaptionSampler(args.seed + 2)
     generator = torch.Generator().manual_seed(args.seed + 2)
     start, noises, targets, captions = time.time(), [], [], []
-    for _ in range(args.num_pairs // 256):
-        batch = [item["prompt"] for item in sampler.items(256)]
-        noise = torch.randn((256, 8, SCENE_SIZE // 4, SCENE_SIZE // 4), generator=generator)
+    for size in chunk_sizes(args.num_pairs, 256):
+        batch = [item["prompt"] for item in sampler.items(size)]
+        noise = torch.randn((size, 8, SCENE_SIZE // 4, SCENE_SIZE // 4), generator=generator)
         targets.append(
             teacher_sample(unet, text_encoder, tokenizer, batch, noise, args.teacher_steps_sample, args.guidance)
         )
@@ -541,7 +547,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=2.0, help="The teacher's classifier-free guidance.")
     parser.add_argument("--student_steps", type=int, default=2000)
     parser.add_argument("--student_lr", type=float, default=2e-4)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Counts that size a stage: zero or less would fail deep inside it (an empty batch or pool), after earlier
+    # stages have already run for minutes.
+    counts = ("vae_steps", "vae_batch_size", "pool_size", "teacher_steps", "batch_size", "num_pairs")
+    for name in (*counts, "teacher_steps_sample", "student_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
