@@ -52,6 +52,11 @@ def tiny_drpo_values(output_dir: str, **overrides) -> dict:
 KIT_DIR = str(Path(__file__).resolve().parent)
 """This folder: put it on ``PYTHONPATH`` for a test's subprocess that imports the kit."""
 
+BATCH_ROUNDING_ATOL = 1e-5
+"""Absolute tolerance between float32 outputs of one computation run at different batch sizes (chunked or not):
+kernels may sum in another order for another batch (about 1e-6 on unit-scale values, seen up to 1.1e-6), while a row
+computed from the wrong input, or twice, differs by far more."""
+
 
 def with_kit_on_path(env: dict[str, str]) -> dict[str, str]:
     """`env` with this folder prepended to ``PYTHONPATH``, for scripts a test runs in a fresh interpreter."""
