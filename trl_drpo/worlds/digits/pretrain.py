@@ -550,8 +550,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # Counts that size a stage: zero or less would fail deep inside it (an empty batch or pool), after earlier
     # stages have already run for minutes.
-    counts = ("vae_steps", "vae_batch_size", "pool_size", "teacher_steps", "batch_size", "num_pairs")
-    for name in (*counts, "teacher_steps_sample", "student_steps"):
+    for name in (
+        "vae_steps",
+        "vae_batch_size",
+        "pool_size",
+        "teacher_steps",
+        "batch_size",
+        "num_pairs",
+        "teacher_steps_sample",
+        "student_steps",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
     return args
