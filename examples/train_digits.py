@@ -44,10 +44,16 @@ class DigitsScriptArguments:
     )
 
 
-if __name__ == "__main__":
+def make_parser() -> TrlParser:
+    """The script's arguments and every `DrPOConfig` field, defaulting to the "digits" preset (``--config`` YAML and
+    flags override it)."""
     parser = TrlParser((DigitsScriptArguments, DrPOConfig))
     parser.set_defaults(**PRESETS["digits"], output_dir="drpo-digits")
-    script_args, config = parser.parse_args_and_config()
+    return parser
+
+
+if __name__ == "__main__":
+    script_args, config = make_parser().parse_args_and_config()
 
     trainer, report = align(
         config,

@@ -300,14 +300,8 @@ def test_the_documented_cpu_smoke_commands_run_as_written_and_their_adapter_load
 
 
 def test_the_digits_yaml_reproduces_the_digits_preset(tmp_path):
-    from trl import TrlParser
-
-    from trl_drpo import DrPOConfig
-
-    module = load_example("train_digits.py")
-    parser = TrlParser((module.DigitsScriptArguments, DrPOConfig))
-    parser.set_defaults(**PRESETS["digits"], output_dir="drpo-digits")
     yaml_path = os.path.join(EXAMPLES, "configs", "digits.yaml")
+    parser = load_example("train_digits.py").make_parser()
     _, config = parser.parse_args_and_config(["--config", yaml_path, "--output_dir", str(tmp_path)])
     for name, value in PRESETS["digits"].items():
         assert getattr(config, name) == value, name
@@ -349,16 +343,9 @@ def test_the_digits_example_runs_its_documented_command_at_toy_length(tmp_path):
     assert (out / LORA_WEIGHT_NAME).is_file() and "| DrPO |" in (out / "digits_report.md").read_text()
 
 
-def test_the_unguided_digits_yaml_sets_the_recipe_over_the_digits_preset(tmp_path):
-    from trl import TrlParser
-
-    from trl_drpo import DrPOConfig
-
-    module = load_example("train_digits.py")
-    parser = TrlParser((module.DigitsScriptArguments, DrPOConfig))
-    parser.set_defaults(**PRESETS["digits"], output_dir="drpo-digits")
+def test_the_unguided_digits_yaml_sets_the_recipe_over_the_digits_preset():
     yaml_path = os.path.join(EXAMPLES, "configs", "digits_unguided.yaml")
-    script_args, config = parser.parse_args_and_config(["--config", yaml_path])
+    script_args, config = load_example("train_digits.py").make_parser().parse_args_and_config(["--config", yaml_path])
     assert config.mask_anchor_copies and config.negative_weight == 0 and config.reference_loss_weight == 0
     assert config.per_device_train_batch_size == 8 and config.max_steps == 900 and script_args.eval_every == 300
     assert config.feature_map_kwargs == PRESETS["digits"]["feature_map_kwargs"]  # the rest is the preset's
