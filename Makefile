@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The main job on its embedded default: offline, CPU, a few minutes.
+# The main job on its embedded default: offline, CPU, about 10 minutes.
 demo: venv
 	$(PY) -m trl_drpo.demo
 

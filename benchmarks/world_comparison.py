@@ -54,16 +54,14 @@ TRAIN_SEED_BASE = 30_000
 """Seeds of the trained-caption evaluation; training noise comes from hashed (seed, update) keys, never these."""
 
 METHODS: dict[str, dict[str, Any]] = {
-    # The "digits" preset as it ships (reference weight 0.5, one feature token per latent position).
+    # The "digits" preset as it ships (each winner's own anchor copy masked, no negative weight, no reference term,
+    # one feature token per latent position).
     "DrPO": {"kind": "drpo", "overrides": {}},
-    # The recipe that moved a few trained captions most (benchmarks/README.md, "Overfitting a few captions").
-    "DrPO (masked, no reference)": {
+    # The authors' estimator: unmasked anchors, the default negative weight, and a reference term (at the weight that
+    # held the colours of the base shipped until 2026-12-05; the "digits" preset then).
+    "DrPO (unmasked, reference 0.5)": {
         "kind": "drpo",
-        "overrides": {
-            "mask_anchor_copies": True,
-            "reference_loss_weight": 0.0,
-            "feature_map_kwargs": {"spatial_tokens": False, "pool_size": 1},
-        },
+        "overrides": {"mask_anchor_copies": False, "negative_weight": 3000.0, "reference_loss_weight": 0.5},
     },
     "DRaFT": {"kind": "draft"},
     "DPO1step": {"kind": "dpo1step"},

@@ -307,6 +307,19 @@ def test_the_digits_yaml_reproduces_the_digits_preset(tmp_path):
         assert getattr(config, name) == value, name
 
 
+def test_the_demo_is_the_digits_yaml_run_cut_short(tmp_path):
+    from trl_drpo.demo import demo_config
+
+    yaml_path = os.path.join(EXAMPLES, "configs", "digits.yaml")
+    _, config = load_example("train_digits.py").make_parser().parse_args_and_config(["--config", yaml_path])
+    demo = demo_config(str(tmp_path), max_steps=7)
+    # The same method, seed and learning-rate schedule; only the length (and where it writes) differ.
+    for name in (*PRESETS["digits"], "seed", "lr_scheduler_type", "warmup_steps"):
+        if name != "max_steps":
+            assert getattr(demo, name) == getattr(config, name), name
+    assert demo.max_steps == 7 and demo.lr_scheduler_type == "constant_with_warmup" and demo.warmup_steps == 0
+
+
 def yaml_commands(name: str) -> tuple[str, list[str]]:
     """A recipe's path under examples/configs and the commands written in its header comment (``#   command``)."""
     yaml_path = os.path.join(EXAMPLES, "configs", name)
@@ -331,7 +344,7 @@ def test_the_digits_example_runs_its_documented_command_at_toy_length(tmp_path):
     assert "python examples/train_digits.py --config examples/configs/digits.yaml" in docstring
     out = tmp_path / "out"
     cmd = [sys.executable, script, "--config", os.path.join(EXAMPLES, "configs", "digits.yaml")]
-    # The documented run is 1500 updates (about 20 minutes); the same command, cut to two updates and a small eval.
+    # The documented run is 900 updates (about 17 minutes); the same command, cut to two updates and a small eval.
     cmd += ["--output_dir", str(out), "--max_steps", "2", "--eval_per_category", "4", "--eval_every", "1"]
     cmd += ["--disable_tqdm", "true"]
     # The flag that aligns another pretraining run's pipeline folder, given the shipped base's folder.
@@ -343,40 +356,35 @@ def test_the_digits_example_runs_its_documented_command_at_toy_length(tmp_path):
     assert (out / LORA_WEIGHT_NAME).is_file() and "| DrPO |" in (out / "digits_report.md").read_text()
 
 
-def test_the_unguided_digits_yaml_sets_the_recipe_over_the_digits_preset():
-    yaml_path = os.path.join(EXAMPLES, "configs", "digits_unguided.yaml")
-    script_args, config = load_example("train_digits.py").make_parser().parse_args_and_config(["--config", yaml_path])
-    assert config.mask_anchor_copies and config.negative_weight == 0 and config.reference_loss_weight == 0
-    assert config.per_device_train_batch_size == 8 and config.max_steps == 900 and script_args.eval_every == 300
-    assert config.feature_map_kwargs == PRESETS["digits"]["feature_map_kwargs"]  # the rest is the preset's
-
-
 @pytest.mark.slow
-def test_the_unguided_digits_recipe_runs_its_documented_commands_at_toy_length(tmp_path):
-    yaml_path, documented = yaml_commands("digits_unguided.yaml")
+def test_the_digits_yaml_rebuilds_and_aligns_the_base_with_its_documented_commands_at_toy_length(tmp_path):
+    yaml_path, documented = yaml_commands("digits.yaml")
     assert documented == [
-        "python -m trl_drpo.worlds.digits.pretrain --output_dir digits-unguided --guidance 1.0",
-        "python examples/train_digits.py --config examples/configs/digits_unguided.yaml "
-        "--pretrained_model_name_or_path digits-unguided/pipeline",
+        "python examples/train_digits.py --config examples/configs/digits.yaml",
+        "python -m trl_drpo.worlds.digits.pretrain --output_dir digits-pretrain",
+        "python examples/train_digits.py --config examples/configs/digits.yaml "
+        "--pretrained_model_name_or_path digits-pretrain/pipeline",
     ]
-    assert documented_commands(EXAMPLES_README, "digits-unguided") == documented
-    base, out = tmp_path / "digits-unguided", tmp_path / "drpo-digits-unguided"
+    assert documented_commands(EXAMPLES_README, "digits-pretrain") == documented[1:]
+    base, out = tmp_path / "digits-pretrain", tmp_path / "drpo-digits"
     # The documented commands, cut to a few steps of each pretraining stage, two updates and a small evaluation.
     toy = ["--vae_steps", "2", "--vae_batch_size", "8", "--pool_size", "256", "--teacher_steps", "2"]
     toy += ["--batch_size", "8", "--num_pairs", "16", "--teacher_steps_sample", "2", "--student_steps", "2"]
     commands = [
-        [sys.executable, "-m", "trl_drpo.worlds.digits.pretrain", "--output_dir", str(base), "--guidance", "1.0"]
+        [sys.executable, "-m", "trl_drpo.worlds.digits.pretrain", "--output_dir", str(base)]
         + toy
         + ["--stages", "vae", "teacher", "pairs", "student"],
         [sys.executable, os.path.join(EXAMPLES, "train_digits.py"), "--config", yaml_path]
         + ["--pretrained_model_name_or_path", str(base / "pipeline"), "--output_dir", str(out), "--max_steps", "2"]
-        + ["--eval_per_category", "2", "--eval_every", "1", "--best_of_k", "false", "--disable_tqdm", "true"],
+        + ["--eval_per_category", "2", "--eval_every", "1", "--best_of_k", "false", "--disable_tqdm", "true"]
+        + ["--per_device_train_batch_size", "2"],
     ]
     run_offline(commands)
     report = json.loads((out / "digits_report.json").read_text())
     assert [entry["step"] for entry in report["history"]] == [1, 2]
-    # The report records the recipe's fields set over the preset, not only the preset's own.
-    assert report["settings"]["mask_anchor_copies"] is True and report["settings"]["negative_weight"] == 0
+    assert json.loads((base / "pretrain_log.json").read_text())["settings"]["guidance"] == 1.0  # as the shipped base
+    # The report records the preset's fields and every field the run set over them.
+    assert report["settings"]["mask_anchor_copies"] is True and report["settings"]["per_device_train_batch_size"] == 2
     assert (out / LORA_WEIGHT_NAME).is_file()
 
 

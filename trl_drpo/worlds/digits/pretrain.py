@@ -12,8 +12,11 @@ Four stages, each saved to ``output_dir`` so that a stage can be rerun alone (``
    base), a linear head on the text encoder's pooled output is also trained to read the caption back (object count,
    each object's digit and colour, the relation), so that the encoder tells "left of" from "right of" and which colour
    goes with which digit (see `caption_parse_targets`).
-3. ``pairs``: the teacher samples latents from fixed noise with a deterministic multi-step sampler (DDIM with
-   guidance; at ``--guidance 1`` the conditional prediction alone), giving `(noise, caption) -> latent` pairs.
+3. ``pairs``: the teacher samples latents from fixed noise with a deterministic multi-step sampler (DDIM from the
+   conditional prediction alone; with ``--guidance`` above 1, classifier-free guidance), giving `(noise, caption) ->
+   latent` pairs. The shipped base is distilled without guidance: a guided teacher (``--guidance 2``) gave a base
+   with fewer errors, but errors specific to each caption that ranked samples of it could not teach away
+   (benchmarks/README.md, "A base distilled without guidance").
 4. ``student``: a copy of the teacher is distilled into *one* step: the exact computation
    `pipe(prompt, num_inference_steps=1, guidance_scale=0.0, latents=noise)` runs (Euler, trailing spacing, so
    t=999) is regressed onto the teacher's latents. This is the SD-Turbo serving set-up, reached by regression on
@@ -544,7 +547,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--num_pairs", type=int, default=16384)
     parser.add_argument("--teacher_steps_sample", type=int, default=12, help="DDIM steps of the teacher.")
-    parser.add_argument("--guidance", type=float, default=2.0, help="The teacher's classifier-free guidance.")
+    parser.add_argument(
+        "--guidance", type=float, default=1.0, help="The teacher's classifier-free guidance (1: none, as shipped)."
+    )
     parser.add_argument("--student_steps", type=int, default=2000)
     parser.add_argument("--student_lr", type=float, default=2e-4)
     args = parser.parse_args(argv)
