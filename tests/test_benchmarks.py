@@ -275,6 +275,8 @@ def test_digits_gradient_probe_control_ranks_by_random_scores_that_reversal_nega
     monkeypatch.setattr(digits_gradients, "CAPTIONS", ("two 7s", "a 6 above a 2"))
     monkeypatch.setattr(digits_gradients, "NUM_DRAWS", 2)
     settings = {"num_generations": 4, "num_positives": 1, "num_negatives": 1, "reference_loss_weight": 0.0}
+    # The authors' estimator: negatives weighted as the positives, each candidate's anchor copy unmasked.
+    settings |= {"negative_weight": 3000.0, "mask_anchor_copies": False}
     result = digits_gradients.measure({**settings, "_random_scores": True}, str(tmp_path))
     # Random scores never tie, so the reversed ranking swaps the anchors and the update flips (up to the candidates'
     # own weight-1 repulsion, which both rankings share).

@@ -344,7 +344,7 @@ def test_the_digits_example_runs_its_documented_command_at_toy_length(tmp_path):
     assert "python examples/train_digits.py --config examples/configs/digits.yaml" in docstring
     out = tmp_path / "out"
     cmd = [sys.executable, script, "--config", os.path.join(EXAMPLES, "configs", "digits.yaml")]
-    # The documented run is 900 updates (about 17 minutes); the same command, cut to two updates and a small eval.
+    # The documented run is 900 updates (about 16 minutes); the same command, cut to two updates and a small eval.
     cmd += ["--output_dir", str(out), "--max_steps", "2", "--eval_per_category", "4", "--eval_every", "1"]
     cmd += ["--disable_tqdm", "true"]
     # The flag that aligns another pretraining run's pipeline folder, given the shipped base's folder.

@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import ProgressCallback
 
+
+if TYPE_CHECKING:
+    from .drpo_config import DrPOConfig
 
 ARTEFACTS = (
     "pytorch_lora_weights.safetensors",
@@ -63,7 +66,7 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def demo_config(output_dir: str = "drpo-demo", max_steps: int = DEMO_STEPS, **overrides: Any) -> Any:
+def demo_config(output_dir: str = "drpo-demo", max_steps: int = DEMO_STEPS, **overrides: Any) -> DrPOConfig:
     """The demo's `DrPOConfig`: the "digits" preset at seed 0, as examples/configs/digits.yaml, so that the demo is
     the first `max_steps` updates of the benchmark run (the preset's learning rate is constant, so a shorter run
     follows the same path); `overrides` on top."""
