@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from trl_drpo import DrPOConfig
+from trl_drpo.drpo_config import PRESETS
 from trl_drpo.features.base import build_feature_map
 from trl_drpo.generators import OneStepGenerator
 from trl_drpo.step import StepNoise, micro_step
@@ -362,12 +363,18 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=300.0, help="Training seconds per method.")
-    parser.add_argument("--eval_every", type=float, default=30.0, help="Training seconds between evaluations.")
+    parser.add_argument("--budget", type=float, default=480.0, help="Training seconds per method.")
+    parser.add_argument("--eval_every", type=float, default=120.0, help="Training seconds between evaluations.")
     parser.add_argument("--per_category", type=int, default=60, help="Held-out (caption, seed) pairs per category.")
-    parser.add_argument("--train_per_category", type=int, default=4, help="Training captions per category.")
-    parser.add_argument("--train_seeds", type=int, default=16, help="Unseen seeds per trained caption.")
-    parser.add_argument("--prompts_per_update", type=int, default=4, help="B: prompts per optimizer update.")
+    # The captions and prompts per update of the "digits" recipe (`trl_drpo.worlds.digits.alignment.align`).
+    parser.add_argument("--train_per_category", type=int, default=64, help="Training captions per category.")
+    parser.add_argument("--train_seeds", type=int, default=1, help="Unseen seeds per trained caption.")
+    parser.add_argument(
+        "--prompts_per_update",
+        type=int,
+        default=PRESETS["digits"]["per_device_train_batch_size"],
+        help="B: prompts per optimizer update.",
+    )
     parser.add_argument("--num_generations", type=int, default=16, help="K: candidates per prompt, every method.")
     parser.add_argument("--num_anchors", type=int, default=4, help="Positives and negatives (each) per prompt.")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate, every method.")

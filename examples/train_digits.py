@@ -20,7 +20,6 @@ import json
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
-from transformers import TrainingArguments
 from trl import TrlParser
 
 from trl_drpo import DrPOConfig
@@ -67,7 +66,9 @@ if __name__ == "__main__":
 
     # The run's method settings: the preset's fields, the run's length and seed, and every DrPO field set away from its
     # default, so that a recipe given as flags or YAML over the preset is recorded whole.
-    inherited = {f.name for f in fields(TrainingArguments)}
+    # DrPOConfig's base is transformers' TrainingArguments, taken from the class rather than imported first: importing
+    # transformers before trl_drpo would let bitsandbytes log its unused-kernel notice before trl_drpo filters it.
+    inherited = {f.name for f in fields(DrPOConfig.__base__)}
     drpo_defaults = {
         f.name: f.default if f.default is not MISSING else f.default_factory()
         for f in fields(DrPOConfig)

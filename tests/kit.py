@@ -52,6 +52,9 @@ def tiny_drpo_values(output_dir: str, **overrides) -> dict:
 KIT_DIR = str(Path(__file__).resolve().parent)
 """This folder: put it on ``PYTHONPATH`` for a test's subprocess that imports the kit."""
 
+REPO = os.path.dirname(KIT_DIR)
+"""The repository's root: the working directory of tests that run its scripts and commands as a user would."""
+
 BATCH_ROUNDING_ATOL = 1e-5
 """Absolute tolerance between float32 outputs of one computation run at different batch sizes (chunked or not):
 kernels may sum in another order for another batch (about 1e-6 on unit-scale values, seen up to 1.1e-6), while a row

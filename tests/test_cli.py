@@ -17,10 +17,9 @@ from trl_drpo.cli import main, render_images
 from trl_drpo.hub import LORA_WEIGHT_NAME
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline
 
-from kit import BATCH_ROUNDING_ATOL, mean_brightness, tiny_drpo_config
+from kit import BATCH_ROUNDING_ATOL, REPO, mean_brightness, tiny_drpo_config
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red apple", "a blue car"]
 SEEDS = [3, 4]
 

@@ -15,8 +15,7 @@ from PIL import Image
 from trl_drpo.demo import ARTEFACTS
 from trl_drpo.worlds.digits.grammar import CATEGORIES
 
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kit import REPO
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ import pytest
 from trl_drpo.drpo_config import PRESETS
 from trl_drpo.hub import LORA_WEIGHT_NAME
 
+from kit import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 EXAMPLES = os.path.join(REPO, "examples")
 SCRIPTS = {
     "sd_turbo_paper": "train_sd_turbo.py",
