@@ -36,7 +36,8 @@ from trl_drpo.drpo_config import PRESETS
 from trl_drpo.generators import OneStepGenerator
 from trl_drpo.generators.embeds import PromptEmbeds
 from trl_drpo.worlds.digits import load_pipeline
-from trl_drpo.worlds.digits.evaluation import eval_cases, evaluate_pipeline
+from trl_drpo.worlds.digits.alignment import TRAIN_PER_CATEGORY
+from trl_drpo.worlds.digits.evaluation import EVAL_PER_CATEGORY, eval_cases, evaluate_pipeline
 from trl_drpo.worlds.digits.grammar import balanced_prompts
 from trl_drpo.worlds.digits.verifier import verify
 
@@ -69,8 +70,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
 NUM_CANDIDATES = 16
 BATCH_SIZE = 64
 NUM_EVALS = 6
-TRAIN_PER_CATEGORY = 64
-EVAL_PER_CATEGORY = 60
 NOISE_SEED_BASE = 100_000  # far from the evaluation seeds (`evaluation.EVAL_SEED_BASE` and up)
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "digits_ceiling.json")
 

@@ -41,7 +41,15 @@ from trl_drpo.features.base import build_feature_map
 from trl_drpo.generators import OneStepGenerator
 from trl_drpo.step import StepNoise, micro_step
 from trl_drpo.worlds import digits
-from trl_drpo.worlds.digits.evaluation import best_of_k, eval_cases, evaluate_pipeline, generate, score_tables
+from trl_drpo.worlds.digits.alignment import TRAIN_PER_CATEGORY
+from trl_drpo.worlds.digits.evaluation import (
+    EVAL_PER_CATEGORY,
+    best_of_k,
+    eval_cases,
+    evaluate_pipeline,
+    generate,
+    score_tables,
+)
 from trl_drpo.worlds.digits.grammar import CATEGORIES, balanced_prompts
 
 from .common import COMPONENTS, Meter, benchmark_step, machine_info, markdown_table
@@ -365,9 +373,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=480.0, help="Training seconds per method.")
     parser.add_argument("--eval_every", type=float, default=120.0, help="Training seconds between evaluations.")
-    parser.add_argument("--per_category", type=int, default=60, help="Held-out (caption, seed) pairs per category.")
+    parser.add_argument(
+        "--per_category", type=int, default=EVAL_PER_CATEGORY, help="Held-out (caption, seed) pairs per category."
+    )
     # The captions and prompts per update of the "digits" recipe (`trl_drpo.worlds.digits.alignment.align`).
-    parser.add_argument("--train_per_category", type=int, default=64, help="Training captions per category.")
+    parser.add_argument(
+        "--train_per_category", type=int, default=TRAIN_PER_CATEGORY, help="Training captions per category."
+    )
     parser.add_argument("--train_seeds", type=int, default=1, help="Unseen seeds per trained caption.")
     parser.add_argument(
         "--prompts_per_update",

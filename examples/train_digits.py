@@ -25,13 +25,16 @@ from trl import TrlParser
 from trl_drpo import DrPOConfig
 from trl_drpo.drpo_config import PRESETS
 from trl_drpo.worlds.digits.alignment import align
+from trl_drpo.worlds.digits.evaluation import EVAL_PER_CATEGORY
 
 
 @dataclass
 class DigitsScriptArguments:
     """Evaluation settings of the digit-world run."""
 
-    eval_per_category: int = field(default=60, metadata={"help": "Held-out (caption, seed) pairs per category."})
+    eval_per_category: int = field(
+        default=EVAL_PER_CATEGORY, metadata={"help": "Held-out (caption, seed) pairs per category."}
+    )
     eval_every: int = field(default=150, metadata={"help": "Optimizer updates between evaluations during training."})
     best_of_k: bool = field(default=True, metadata={"help": "Also evaluate best-of-K sampling of the base."})
     pretrained_model_name_or_path: str | None = field(

@@ -18,8 +18,12 @@ from typing import Any
 from transformers import ProgressCallback, TrainerCallback
 
 from . import load_pipeline, reward_fn
-from .evaluation import as_eval_metrics, best_of_k, eval_cases, evaluate_pipeline, table_markdown
+from .evaluation import EVAL_PER_CATEGORY, as_eval_metrics, best_of_k, eval_cases, evaluate_pipeline, table_markdown
 from .grammar import balanced_prompts
+
+
+TRAIN_PER_CATEGORY = 64
+"""Training captions per category of the recipe (small categories repeated, so that each weighs the same)."""
 
 
 class AccuracyCallback(TrainerCallback):
@@ -57,9 +61,9 @@ class AccuracyCallback(TrainerCallback):
 
 def align(
     config: Any,
-    eval_per_category: int = 60,
+    eval_per_category: int = EVAL_PER_CATEGORY,
     eval_every: int = 10,
-    train_per_category: int = 64,
+    train_per_category: int = TRAIN_PER_CATEGORY,
     best_of: bool = True,
     callbacks: list | None = None,
     progress_bar: Any = None,

@@ -19,8 +19,11 @@ from .verifier import summarize, verify
 EVAL_SEED_BASE = 10_000
 """Evaluation seeds start here; training draws its noise from the trainer's own seed, so they never meet."""
 
+EVAL_PER_CATEGORY = 60
+"""Held-out (caption, seed) pairs per category of the world's recorded evaluations: 360 images in all."""
 
-def eval_cases(per_category: int = 60, split: str = "test") -> list[tuple[dict[str, Any], int]]:
+
+def eval_cases(per_category: int = EVAL_PER_CATEGORY, split: str = "test") -> list[tuple[dict[str, Any], int]]:
     """`(item, seed)` pairs, `per_category` for each of the six categories (`balanced_prompts`), each pair of a
     category with its own seed. 60 per category gives 360 images."""
     items = balanced_prompts(split, per_category)
@@ -160,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--lora", help="A folder holding a DrPO adapter (pytorch_lora_weights.safetensors).")
-    parser.add_argument("--per_category", type=int, default=60, help="Held-out (caption, seed) pairs per category.")
+    parser.add_argument(
+        "--per_category", type=int, default=EVAL_PER_CATEGORY, help="Held-out (caption, seed) pairs per category."
+    )
     parser.add_argument("--output_file", help="Write the tables here as JSON.")
     args = parser.parse_args(argv)
     pipe = load_pipeline()
