@@ -67,6 +67,29 @@ def with_kit_on_path(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
+def straight_and_resumed_runs(tmp_path: Path, prompts: list[str], **overrides) -> tuple:
+    """Two tiny runs of 4 updates with a checkpoint every 2: one straight through (in ``tmp_path/a``), and one stopped
+    after 2 updates and resumed from its ``checkpoint-2`` by a new trainer (in ``tmp_path/b``). Returns the trainers
+    ``(straight, resumed)``, both finished."""
+    from trl_drpo import DrPOTrainer
+    from trl_drpo.tiny_pipelines import tiny_sd_pipeline
+
+    common = dict(save_strategy="steps", save_steps=2, max_steps=4, **overrides)
+
+    def trainer(folder: str) -> DrPOTrainer:
+        config = tiny_drpo_config(tmp_path / folder / "out", **common)
+        return DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=prompts)
+
+    straight = trainer("a")
+    straight.train()
+    first = trainer("b")
+    first.args.max_steps = 2
+    first.train()
+    resumed = trainer("b")
+    resumed.train(resume_from_checkpoint=os.path.join(first.args.output_dir, "checkpoint-2"))
+    return straight, resumed
+
+
 class UnloadableReward:
     """A model reward whose weights cannot be found: `load()` raises, as a Hub reward does offline."""
 

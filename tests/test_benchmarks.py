@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-
-# `benchmarks/` is a top-level folder of the repository, not part of the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import cost, run_all, scaling  # noqa: E402
-from benchmarks.common import (  # noqa: E402
+from benchmarks import cost, run_all, scaling
+from benchmarks.common import (
     COMPONENTS,
     CPUPeakMemory,
     Meter,
@@ -24,9 +18,9 @@ from benchmarks.common import (  # noqa: E402
     benchmark_step,
     fused_attention_on_meta,
 )
-from benchmarks.draft_baseline import DraftStepConfig, draft_step  # noqa: E402
-from benchmarks.reward_models import build_reward  # noqa: E402
-from trl_drpo import step as drpo_step  # noqa: E402
+from benchmarks.draft_baseline import DraftStepConfig, draft_step
+from benchmarks.reward_models import build_reward
+from trl_drpo import step as drpo_step
 
 
 PROMPTS = ["a red apple", "a blue car"]

@@ -16,6 +16,8 @@ from trl_drpo.worlds.digits.evaluation import eval_cases
 from trl_drpo.worlds.digits.grammar import CATEGORIES, COUNT_WORDS, RELATIONS, balanced_prompts
 from trl_drpo.worlds.digits.scenes import glyphs
 
+from kit import tiny_drpo_values
+
 
 # ---------------------------------------------------------------------------------------------------- grammar
 
@@ -274,6 +276,29 @@ def test_a_few_drpo_steps_on_the_shipped_base_raise_the_verifier_score_of_the_tr
     after = score_and_pass_rate(pipe)
     # The dense score is the training reward; 64 images make the pass rate coarse, so it is only asked to rise.
     assert after[0] >= before[0] + 0.04 and after[1] > before[1], (before, after)
+
+
+def test_align_logs_each_held_out_evaluation_and_the_model_card_reads_the_final_one_with_the_base(tmp_path):
+    from trl_drpo import DrPOConfig
+    from trl_drpo.evaluation import last_eval_metrics
+    from trl_drpo.worlds.digits.alignment import align
+
+    config = DrPOConfig.from_preset("digits", **tiny_drpo_values(tmp_path))
+    trainer, report = align(config, eval_per_category=1, eval_every=1, train_per_category=2, best_of=False)
+    logged = [entry for entry in trainer.state.log_history if "eval_verifier/mean_of_six" in entry]
+    # One entry per evaluation during training (tuned only), then the final one with the base beside it.
+    assert [entry["step"] for entry in logged] == [1, 2, 2] and "eval_base_verifier/mean_of_six" in logged[-1]
+    assert [entry["step"] for entry in report["history"]] == [1, 2]
+    assert logged[1]["eval_judge/mean_of_six"] == report["tuned"]["judge"]["overall"]
+    assert not any(key.startswith("eval_base") for entry in logged[:-1] for key in entry)
+    # The training metrics of the update stay in the training log entry.
+    assert all(not any(key.startswith(("drift/", "eval_drift")) for key in entry) for entry in logged)
+    assert set(last_eval_metrics(trainer.state.log_history)) == {
+        f"eval{base}_{scorer}/{key}"
+        for base in ("", "_base")
+        for scorer in ("verifier", "judge")
+        for key in (*CATEGORIES, "mean_of_six")
+    }
 
 
 def test_preference_pairs_prefer_the_verifiers_choice_on_train_captions_only(pipe, tmp_path):

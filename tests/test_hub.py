@@ -99,6 +99,12 @@ def test_card_lists_the_key_hyperparameters(tmp_path):
         assert row in text, row
 
 
+def test_card_names_the_ema_decay_only_when_the_saved_weights_are_a_moving_average(tmp_path):
+    assert "ema_decay" not in str(render(tmp_path))
+    averaged = config(tmp_path, hub_model_id="alice/sd-turbo-drpo", use_ema=True, ema_decay=0.995)
+    assert "| ema_decay | `0.995` |" in str(render(tmp_path, args=averaged))
+
+
 def test_card_reports_base_and_tuned_rewards_with_the_change(tmp_path):
     text = str(render(tmp_path))
     assert "seeds [7, 8]" in text

@@ -18,7 +18,7 @@ from trl_drpo.hub import LORA_WEIGHT_NAME
 from trl_drpo.rewards import JpegCompressibility
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-from kit import lora_state, mean_brightness, tiny_drpo_config, with_kit_on_path
+from kit import lora_state, mean_brightness, straight_and_resumed_runs, tiny_drpo_config, with_kit_on_path
 
 
 PROMPTS = ["a red apple", "a blue car", "a green tree", "a yellow bird"]
@@ -136,23 +136,8 @@ def test_save_model_then_load_lora_weights_reproduces_the_tuned_images(tmp_path)
 
 
 def test_resumed_training_equals_uninterrupted_training(tmp_path):
-    common = dict(save_strategy="steps", save_steps=2, max_steps=4)
-    straight = DrPOTrainer(
-        tiny_sd_pipeline(), mean_brightness, small_config(tmp_path / "a", **common), train_dataset=PROMPTS
-    )
-    straight.train()
-
-    first = DrPOTrainer(
-        tiny_sd_pipeline(), mean_brightness, small_config(tmp_path / "b", **common), train_dataset=PROMPTS
-    )
-    first.args.max_steps = 2
-    first.train()
-    checkpoint = os.path.join(first.args.output_dir, "checkpoint-2")
-    assert os.path.isfile(os.path.join(checkpoint, LORA_WEIGHT_NAME))
-    resumed = DrPOTrainer(
-        tiny_sd_pipeline(), mean_brightness, small_config(tmp_path / "b", **common), train_dataset=PROMPTS
-    )
-    resumed.train(resume_from_checkpoint=checkpoint)
+    straight, resumed = straight_and_resumed_runs(tmp_path, PROMPTS)
+    assert os.path.isfile(os.path.join(resumed.args.output_dir, "checkpoint-2", LORA_WEIGHT_NAME))
     assert resumed.state.global_step == 4
     expected, actual = lora_state(straight), lora_state(resumed)
     for name in expected:  # tolerance: float32 round-off only

@@ -16,19 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 
-
-# `benchmarks/` is a top-level folder of the repository, not part of the installed package.
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import world_comparison  # noqa: E402
-from benchmarks.world_baselines import (  # noqa: E402
+from benchmarks import world_comparison
+from benchmarks.world_baselines import (
     dpo1step_loss,
     neighbor_grpo_loss,
     neighbor_noises,
     quasi_norm_advantages,
 )
-from benchmarks.world_surrogate import EMPTY, exact_count_probability, soft_caption_scores  # noqa: E402
+from benchmarks.world_surrogate import EMPTY, exact_count_probability, soft_caption_scores
+
+from kit import REPO
+
+
+ROOT = Path(REPO)
 
 
 def one_hot_scene(cells: dict[int, tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

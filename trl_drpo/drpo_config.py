@@ -263,6 +263,15 @@ class DrPOConfig(TrainingArguments):
             `peft.LoraConfig.init_lora_weights`: `"default"` is PEFT's default (A Kaiming-uniform, B zero), which
             the authors' code uses; any other value PEFT accepts (`"gaussian"`, `"pissa"`, ...) is passed on.
 
+        use_ema (`bool`, *optional*, defaults to `False`):
+            Keep an exponential moving average of the trained weights (diffusers' `EMAModel`, updated after every
+            optimizer update). Evaluation during training uses it, and the model holds it when training ends, so the
+            saved adapter is the average; checkpoints keep the trained weights and the average beside them
+            (`trl_drpo.averaging`). Not in the paper: it settles the update-to-update jitter of a rank-only reward.
+        ema_decay (`float`, *optional*, defaults to `0.99`):
+            Decay of the moving average, in (0, 1): the average is the plain mean of the first `1 / (1 - ema_decay)`
+            updates' weights, then exponential with a horizon of about that many updates.
+
         > Parameters that control the data
 
         dataset_name (`str` or `None`, *optional*, defaults to `None`):
@@ -390,6 +399,8 @@ class DrPOConfig(TrainingArguments):
         default="default",
         metadata={"help": "PEFT's init_lora_weights: 'default' (PEFT's and the authors'), 'gaussian', 'pissa', ..."},
     )
+    use_ema: bool = field(default=False, metadata={"help": "Keep, evaluate and save an EMA of the trained weights."})
+    ema_decay: float = field(default=0.99, metadata={"help": "Decay of the EMA, in (0, 1) (horizon 1/(1-decay))."})
 
     dataset_name: str | None = field(default=None, metadata={"help": "Prompt dataset (Hub id or local path)."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
@@ -448,6 +459,8 @@ class DrPOConfig(TrainingArguments):
             fail(f"resolution must be a positive multiple of 8, got {self.resolution}.")
         if self.reward_weights is not None and any(not math.isfinite(w) or w < 0 for w in self.reward_weights):
             fail(f"reward_weights must be finite and non-negative, got {self.reward_weights}.")
+        if not 0.0 < self.ema_decay < 1.0:
+            fail(f"ema_decay must be in (0, 1) (e.g. 0.99, an average over about 100 updates), got {self.ema_decay}.")
         if self.lora_rank < 1:
             fail(f"lora_rank must be >= 1, got {self.lora_rank}.")
         if self.ranking_resolution is not None and self.ranking_resolution < 1:

@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints
 
+from .averaging import EMACallback
 from .checkpoints import STAGING_DIR, publish_checkpoint, resume_checkpoint
 from .drpo_config import DrPOConfig
 from .evaluation import last_eval_metrics, render_pairs, reward_means, seed_major_pairs
@@ -184,6 +185,10 @@ class DrPOTrainer(Trainer):
         # transformers' in-training push uploads its own list of file names (none of them the adapter) with the
         # training arguments pickled, Hub token included: DrPO pushes its checkpoints itself, model files only.
         callbacks = list(callbacks or [])
+        # First among the callbacks, so that the others (evaluations at a step's end, the final save) see the average.
+        self._ema = EMACallback(args.ema_decay) if args.use_ema else None
+        if self._ema is not None:
+            callbacks.insert(0, self._ema)
         if args.push_to_hub and args.hub_strategy != HubStrategy.END:
             callbacks.append(CheckpointPushCallback(self, user_args.hub_strategy))
             args.hub_strategy = HubStrategy.END
@@ -223,6 +228,17 @@ class DrPOTrainer(Trainer):
         self._base_eval: tuple[tuple[str, ...], dict[str, float]] | None = None
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Within this context the model (and so the pipeline) holds the moving average of the trained weights, when
+        `use_ema` is on and training has begun; the trained weights come back on exit. Without `use_ema`, or before
+        training, nothing changes. `evaluate()` renders through it; after training the model holds the average."""
+        if self._ema is None:
+            yield
+        else:
+            with self._ema.applied():
+                yield
 
     # ------------------------------------------------------------------------------------------------------------
     # One step
@@ -384,7 +400,8 @@ class DrPOTrainer(Trainer):
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
-        tuned = self._score(prompts, adapter=True)
+        with self.ema_weights():
+            tuned = self._score(prompts, adapter=True)
         if self._base_eval is None or self._base_eval[0] != tuple(prompts):
             self._base_eval = (tuple(prompts), self._score(prompts, adapter=False))
         self.model.train(was_training)
@@ -431,6 +448,8 @@ class DrPOTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
+        if self.args.should_save and self._ema is not None and self._ema.average is not None:
+            self._ema.average.save(os.path.join(staging, name))  # inside the staging folder: published with the rest
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             publish_checkpoint(os.path.join(staging, name), os.path.join(run_dir, name))
@@ -449,6 +468,8 @@ class DrPOTrainer(Trainer):
             load_adapter(denoiser, resume_from_checkpoint, prefix=self.generator.denoiser_name)
         else:
             load_denoiser(denoiser, resume_from_checkpoint, self.generator.denoiser_name)
+        if self._ema is not None:  # the average is rebuilt, from this checkpoint's, when training begins
+            self._ema.resume_folder = resume_from_checkpoint
 
     def _write_model_card(self, output_dir: str, **kwargs: Any) -> None:
         write_model_card(

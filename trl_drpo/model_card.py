@@ -251,6 +251,8 @@ def render_model_card(
     hyperparameters = [
         (name, _display_value(getattr(args, name))) for name in _CARD_HYPERPARAMETERS if hasattr(args, name)
     ]
+    if getattr(args, "use_ema", False):  # the saved weights are the moving average, not the last update's
+        hyperparameters.append(("ema_decay", _display_value(args.ema_decay)))
     hyperparameters.append(("mixed_precision", _precision(args)))
     card = ModelCard.from_template(
         card_data,

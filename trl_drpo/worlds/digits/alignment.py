@@ -27,11 +27,16 @@ TRAIN_PER_CATEGORY = 64
 
 
 class AccuracyCallback(TrainerCallback):
-    """Evaluates the pipeline being trained every `every` optimizer updates (and at the end), recording the verifier
-    and judge tables against the training wall-clock (evaluation time excluded) in `history`."""
+    """Evaluates the pipeline `trainer` trains every `every` optimizer updates (and at the end), recording the verifier
+    and judge tables against the training wall-clock (evaluation time excluded) in `history`.
 
-    def __init__(self, pipe: Any, cases: list, every: int) -> None:
-        self.pipe, self.cases, self.every = pipe, cases, max(1, int(every))
+    Each evaluation is also logged through `trainer.log` as ``eval_<scorer>/<category or mean_of_six>`` (pass rates in
+    %, the keys `as_eval_metrics` gives the tuned pipeline), so that the console, TensorBoard or W&B show the held-out
+    curve while the run goes on. The model card's base-against-tuned table reads the final evaluation `align` logs
+    with the base beside it."""
+
+    def __init__(self, trainer: Any, cases: list, every: int) -> None:
+        self.trainer, self.cases, self.every = trainer, cases, max(1, int(every))
         self.history: list[dict[str, Any]] = []
         self._start = self._eval_seconds = 0.0
 
@@ -41,9 +46,11 @@ class AccuracyCallback(TrainerCallback):
     def _record(self, step: int) -> None:
         began = time.time()
         seconds = began - self._start - self._eval_seconds  # training time so far: earlier evaluations excluded
-        result = evaluate_pipeline(self.pipe, self.cases)
+        with self.trainer.ema_weights():  # what the run will save: the moving average under `use_ema`
+            result = evaluate_pipeline(self.trainer.generator.pipeline, self.cases)
         self._eval_seconds += time.time() - began
         self.history.append({"step": step, "train_seconds": round(seconds, 1), **result})
+        self.trainer.log(as_eval_metrics(None, result))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
@@ -96,10 +103,9 @@ def align(
     if best_of:
         rows[f"best-of-{config.num_generations} (base)"] = best_of_k(pipe, cases, config.num_generations)
     train_prompts = [item["prompt"] for item in balanced_prompts("train", train_per_category)]
-    accuracy = AccuracyCallback(pipe, cases, eval_every)
-    trainer = DrPOTrainer(
-        pipe, reward_fn("score"), config, train_dataset=train_prompts, callbacks=[accuracy, *(callbacks or [])]
-    )
+    trainer = DrPOTrainer(pipe, reward_fn("score"), config, train_dataset=train_prompts, callbacks=callbacks)
+    accuracy = AccuracyCallback(trainer, cases, eval_every)
+    trainer.add_callback(accuracy)
     if progress_bar is not None and not config.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(progress_bar)

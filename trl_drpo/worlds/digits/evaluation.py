@@ -94,17 +94,19 @@ def diversity(pipe: Any, items: Sequence[dict[str, Any]], seeds: Sequence[int]) 
     return {"generated": float(np.mean(generated)), "ground_truth": float(np.mean(truth))}
 
 
-def as_eval_metrics(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, float]:
+def as_eval_metrics(base: dict[str, Any] | None, tuned: dict[str, Any]) -> dict[str, float]:
     """Two `evaluate_pipeline` results as the evaluation keys a `DrPOTrainer` log and model card read as base against
     tuned: `eval_<scorer>/<category>` (tuned) and `eval_base_<scorer>/<category>` (base), pass rates in %, for the
-    verifier and the judge, the six categories and `mean_of_six`."""
+    verifier and the judge, the six categories and `mean_of_six`. With `base` None, the tuned keys alone (an
+    evaluation during training)."""
     out: dict[str, float] = {}
     for scorer in ("verifier", "judge"):
         for key in (*CATEGORIES, "overall"):
             name = f"{scorer}/{'mean_of_six' if key == 'overall' else key}"
-            if key in tuned[scorer] and key in base[scorer]:
+            if key in tuned[scorer] and (base is None or key in base[scorer]):
                 out[f"eval_{name}"] = float(tuned[scorer][key])  # unrounded: the card's change column subtracts them
-                out[f"eval_base_{name}"] = float(base[scorer][key])
+                if base is not None:
+                    out[f"eval_base_{name}"] = float(base[scorer][key])
     return out
 
 

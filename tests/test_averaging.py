@@ -1,0 +1,156 @@
+"""The moving average of the trained weights (`DrPOConfig.use_ema`, `trl_drpo.averaging`)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from trl_drpo import DrPOConfig, DrPOTrainer
+from trl_drpo.averaging import EMA_WEIGHTS_NAME, WeightAverage
+from trl_drpo.hub import LORA_WEIGHT_NAME
+from trl_drpo.tiny_pipelines import tiny_sd_pipeline
+
+from kit import lora_state, mean_brightness, straight_and_resumed_runs, tiny_drpo_config
+
+
+PROMPTS = ["a red apple", "a blue car"]
+
+
+def set_weight(layer: torch.nn.Linear, value: float) -> None:
+    with torch.no_grad():
+        layer.weight.fill_(value)
+
+
+def test_the_average_is_the_plain_mean_over_its_first_horizon_then_exponential():
+    layer = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(layer, decay=0.5)  # horizon 1 / (1 - 0.5) = 2 updates
+    for value in (2.0, 4.0):
+        set_weight(layer, value)
+        average.step()
+    with average.applied():
+        assert layer.weight.item() == pytest.approx(3.0)  # (2 + 4) / 2
+    set_weight(layer, 7.0)
+    average.step()
+    with average.applied():
+        assert layer.weight.item() == pytest.approx(0.5 * 3.0 + 0.5 * 7.0)
+    assert average.num_updates == 3
+
+
+def test_applied_puts_the_trained_weights_back_even_after_an_error():
+    layer = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(layer, decay=0.9)
+    set_weight(layer, 1.0)
+    average.step()
+    set_weight(layer, 5.0)
+    with pytest.raises(RuntimeError), average.applied():
+        assert layer.weight.item() == pytest.approx(1.0)
+        raise RuntimeError("evaluation failed")
+    assert layer.weight.item() == 5.0
+
+
+def test_only_trainable_parameters_are_averaged():
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+    model[0].requires_grad_(False)
+    assert WeightAverage(model, decay=0.9).names == ["1.weight", "1.bias"]
+
+
+def test_the_saved_average_loads_back_with_its_update_count(tmp_path):
+    layer = torch.nn.Linear(2, 2)
+    average = WeightAverage(layer, decay=0.9)
+    for _ in range(3):
+        set_weight(layer, torch.rand(()).item())
+        average.step()
+    average.save(str(tmp_path))
+    restored = WeightAverage(torch.nn.Linear(2, 2), decay=0.9)
+    assert restored.load(str(tmp_path)) and restored.num_updates == 3
+    for mine, theirs in zip(restored.ema.shadow_params, average.ema.shadow_params):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_loading_another_models_average_is_a_clear_error(tmp_path):
+    WeightAverage(torch.nn.Linear(2, 2), decay=0.9).save(str(tmp_path))
+    other = WeightAverage(torch.nn.Sequential(torch.nn.Linear(2, 2)), decay=0.9)
+    with pytest.raises(ValueError, match="another run's adapter"):
+        other.load(str(tmp_path))
+
+
+def test_a_folder_without_an_average_loads_nothing(tmp_path):
+    assert not WeightAverage(torch.nn.Linear(2, 2), decay=0.9).load(str(tmp_path))
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.5, 1.5])
+def test_an_ema_decay_outside_zero_one_is_rejected_naming_the_range(tmp_path, decay):
+    with pytest.raises(ValueError, match=r"ema_decay must be in \(0, 1\)"):
+        DrPOConfig(output_dir=str(tmp_path), ema_decay=decay)
+
+
+class RecordWeights(TrainerCallback):
+    """The LoRA weights after each optimizer update."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+        self.trainer = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.states.append(lora_state(self.trainer))
+
+
+def test_after_training_the_model_and_the_saved_adapter_hold_the_average(tmp_path):
+    from safetensors.torch import load_file
+
+    config = tiny_drpo_config(tmp_path / "out", max_steps=3, use_ema=True, ema_decay=0.9)
+    record = RecordWeights()
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS, callbacks=[record])
+    record.trainer = trainer
+    trainer.train()
+    final = lora_state(trainer)
+    for name in final:  # three updates, within the horizon of ten: the plain mean
+        mean = torch.stack([state[name] for state in record.states]).mean(dim=0)
+        torch.testing.assert_close(final[name], mean)
+    assert any(not torch.equal(final[name], record.states[-1][name]) for name in final)
+    trainer.save_model(config.output_dir)
+    saved = load_file(os.path.join(config.output_dir, LORA_WEIGHT_NAME))
+    assert sum(tensor.numel() for tensor in saved.values()) == sum(tensor.numel() for tensor in final.values())
+
+
+def test_evaluation_during_training_renders_the_average_and_puts_the_trained_weights_back(tmp_path):
+    config = tiny_drpo_config(tmp_path / "out", max_steps=2, use_ema=True, eval_prompts=["a red apple"])
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+    seen: list[dict[str, torch.Tensor]] = []
+    original = trainer._score
+
+    def spy(prompts, adapter):
+        seen.append(lora_state(trainer))
+        return original(prompts, adapter)
+
+    trainer._score = spy
+    trainer.train()  # the model now holds the average of the two updates' weights
+    trained = lora_state(trainer)
+    with trainer.ema_weights():
+        averaged = lora_state(trainer)
+    assert all(torch.equal(averaged[name], trained[name]) for name in trained)
+    trainer.evaluate()
+    assert all(torch.equal(seen[0][name], averaged[name]) for name in trained)
+    assert all(torch.equal(lora_state(trainer)[name], trained[name]) for name in trained)
+
+
+def test_a_checkpoint_holds_the_average_and_resuming_from_it_equals_the_uninterrupted_run(tmp_path):
+    straight, resumed = straight_and_resumed_runs(tmp_path, PROMPTS, use_ema=True, ema_decay=0.5)
+    assert os.path.isfile(os.path.join(resumed.args.output_dir, "checkpoint-2", EMA_WEIGHTS_NAME))
+    expected, actual = lora_state(straight), lora_state(resumed)
+    for name in expected:  # tolerance: float32 round-off only
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_a_checkpoint_saved_without_ema_starts_the_average_there(tmp_path, caplog):
+    common = dict(save_strategy="steps", save_steps=2, max_steps=2)
+    DrPOTrainer(
+        tiny_sd_pipeline(), mean_brightness, tiny_drpo_config(tmp_path, **common), train_dataset=PROMPTS
+    ).train()
+    config = tiny_drpo_config(tmp_path, **{**common, "max_steps": 3, "use_ema": True})
+    resumed = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-2"))
+    assert "saved without use_ema" in caplog.text
