@@ -312,14 +312,15 @@ def test_the_digits_runs_recorded_in_the_benchmarks_readme_parse_with_the_flags_
     text = open(os.path.join(REPO, "benchmarks", "README.md"), encoding="utf-8").read()
     recorded = [" ".join(span.split()) for span in re.findall(r"`(python examples/train_digits\.py [^`]*)`", text)]
     assert any("--use_ema true" in command for command in recorded)
-    parser = load_example("train_digits.py").make_parser()
+    script = load_example("train_digits.py")
+    parser, default_eval_every = script.make_parser(), script.DigitsScriptArguments().eval_every
     for command in recorded:
         args = shlex.split(command)[2:]
         script_args, config = parser.parse_args_and_config([*args, "--output_dir", str(tmp_path)])
         flags = dict(zip(args[::2], args[1::2]))
         assert config.use_ema == (flags.get("--use_ema") == "true"), command
         assert config.max_steps == int(flags.get("--max_steps", PRESETS["digits"]["max_steps"])), command
-        assert script_args.eval_every == int(flags.get("--eval_every", 150)), command
+        assert script_args.eval_every == int(flags.get("--eval_every", default_eval_every)), command
 
 
 def test_the_demo_is_the_digits_yaml_run_cut_short(tmp_path):

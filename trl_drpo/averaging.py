@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -119,11 +119,11 @@ class EMACallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.average.copy_to_model()
 
-    @contextmanager
-    def applied(self) -> Iterator[None]:
+    def applied(self) -> AbstractContextManager[None]:
         """The average in the model within this context, once training has begun; otherwise nothing changes."""
-        if self.average is None:
-            yield
-        else:
-            with self.average.applied():
-                yield
+        return nullcontext() if self.average is None else self.average.applied()
+
+    def save(self, folder: str) -> None:
+        """Write the average into a checkpoint `folder` (`WeightAverage.save`), once training has begun."""
+        if self.average is not None:
+            self.average.save(folder)

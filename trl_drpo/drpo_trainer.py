@@ -9,7 +9,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 
 import torch
@@ -229,16 +229,11 @@ class DrPOTrainer(Trainer):
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
-    @contextmanager
-    def ema_weights(self) -> Iterator[None]:
+    def ema_weights(self) -> AbstractContextManager[None]:
         """Within this context the model (and so the pipeline) holds the moving average of the trained weights, when
         `use_ema` is on and training has begun; the trained weights come back on exit. Without `use_ema`, or before
         training, nothing changes. `evaluate()` renders through it; after training the model holds the average."""
-        if self._ema is None:
-            yield
-        else:
-            with self._ema.applied():
-                yield
+        return nullcontext() if self._ema is None else self._ema.applied()
 
     # ------------------------------------------------------------------------------------------------------------
     # One step
@@ -448,8 +443,8 @@ class DrPOTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
-        if self.args.should_save and self._ema is not None and self._ema.average is not None:
-            self._ema.average.save(os.path.join(staging, name))  # inside the staging folder: published with the rest
+        if self.args.should_save and self._ema is not None:
+            self._ema.save(os.path.join(staging, name))  # inside the staging folder: published with the rest
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             publish_checkpoint(os.path.join(staging, name), os.path.join(run_dir, name))
