@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
 from trl_drpo import DrPOConfig, DrPOTrainer
-from trl_drpo.averaging import EMA_WEIGHTS_NAME, WeightAverage
-from trl_drpo.hub import LORA_WEIGHT_NAME
+from trl_drpo.averaging import EMA_DIR, WeightAverage
+from trl_drpo.hub import LORA_WEIGHT_NAME, CheckpointPushCallback
 from trl_drpo.tiny_pipelines import tiny_sd_pipeline
 
 from kit import lora_state, mean_brightness, straight_and_resumed_runs, tiny_drpo_config
@@ -57,28 +58,52 @@ def test_only_trainable_parameters_are_averaged():
     assert WeightAverage(model, decay=0.9).names == ["1.weight", "1.bias"]
 
 
-def test_the_saved_average_loads_back_with_its_update_count(tmp_path):
+def safetensors_io(model: torch.nn.Module):
+    """A model's weights written to and read from ``folder/model.safetensors``, as a trainer's saving would."""
+    from safetensors.torch import load_model, save_model
+
+    def write(folder: str) -> None:
+        save_model(model, os.path.join(folder, "model.safetensors"))
+
+    def read(folder: str) -> None:
+        load_model(model, os.path.join(folder, "model.safetensors"))
+
+    return write, read
+
+
+def test_the_saved_average_loads_back_with_its_update_count_and_leaves_the_models_weights(tmp_path):
     layer = torch.nn.Linear(2, 2)
     average = WeightAverage(layer, decay=0.9)
     for _ in range(3):
         set_weight(layer, torch.rand(()).item())
         average.step()
-    average.save(str(tmp_path))
-    restored = WeightAverage(torch.nn.Linear(2, 2), decay=0.9)
-    assert restored.load(str(tmp_path)) and restored.num_updates == 3
+    write, _ = safetensors_io(layer)
+    average.save(str(tmp_path), write)
+    other = torch.nn.Linear(2, 2)
+    own = {name: value.clone() for name, value in other.state_dict().items()}
+    restored = WeightAverage(other, decay=0.9)
+    assert restored.load(str(tmp_path), safetensors_io(other)[1]) and restored.num_updates == 3
     for mine, theirs in zip(restored.ema.shadow_params, average.ema.shadow_params):
         torch.testing.assert_close(mine, theirs)
+    assert all(torch.equal(other.state_dict()[name], value) for name, value in own.items())
 
 
-def test_loading_another_models_average_is_a_clear_error(tmp_path):
-    WeightAverage(torch.nn.Linear(2, 2), decay=0.9).save(str(tmp_path))
-    other = WeightAverage(torch.nn.Sequential(torch.nn.Linear(2, 2)), decay=0.9)
-    with pytest.raises(ValueError, match="another run's adapter"):
-        other.load(str(tmp_path))
+def test_the_average_is_saved_the_way_the_model_is_saved(tmp_path):
+    layer = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(layer, decay=0.5)
+    for value in (2.0, 4.0):
+        set_weight(layer, value)
+        average.step()
+    average.save(str(tmp_path), safetensors_io(layer)[0])
+    from safetensors.torch import load_file
+
+    assert load_file(os.path.join(tmp_path, EMA_DIR, "model.safetensors"))["weight"].item() == pytest.approx(3.0)
+    assert layer.weight.item() == 4.0
 
 
 def test_a_folder_without_an_average_loads_nothing(tmp_path):
-    assert not WeightAverage(torch.nn.Linear(2, 2), decay=0.9).load(str(tmp_path))
+    layer = torch.nn.Linear(2, 2)
+    assert not WeightAverage(layer, decay=0.9).load(str(tmp_path), safetensors_io(layer)[1])
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.5, 1.5])
@@ -139,7 +164,7 @@ def test_evaluation_during_training_renders_the_average_and_puts_the_trained_wei
 
 def test_a_checkpoint_holds_the_average_and_resuming_from_it_equals_the_uninterrupted_run(tmp_path):
     straight, resumed = straight_and_resumed_runs(tmp_path, PROMPTS, use_ema=True, ema_decay=0.5)
-    assert os.path.isfile(os.path.join(resumed.args.output_dir, "checkpoint-2", EMA_WEIGHTS_NAME))
+    assert os.path.isfile(os.path.join(resumed.args.output_dir, "checkpoint-2", EMA_DIR, LORA_WEIGHT_NAME))
     expected, actual = lora_state(straight), lora_state(resumed)
     for name in expected:  # tolerance: float32 round-off only
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
@@ -154,3 +179,33 @@ def test_resuming_a_checkpoint_saved_without_ema_starts_the_average_there(tmp_pa
     resumed = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
     resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-2"))
     assert "saved without use_ema" in caplog.text
+
+
+def test_a_checkpoints_average_is_an_adapter_that_diffusers_loads(tmp_path):
+    from safetensors.torch import load_file
+
+    config = tiny_drpo_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, use_ema=True)
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+    trainer.train()
+    trainer.save_model(config.output_dir)  # the average of both updates, as is the checkpoint's copy of it
+    averaged = os.path.join(tmp_path, "checkpoint-2", EMA_DIR)
+    final = load_file(os.path.join(tmp_path, LORA_WEIGHT_NAME))
+    copy = load_file(os.path.join(averaged, LORA_WEIGHT_NAME))
+    assert final.keys() == copy.keys() and all(torch.equal(final[key], copy[key]) for key in final)
+    pipe = tiny_sd_pipeline()
+    pipe.load_lora_weights(averaged)
+    assert pipe.get_active_adapters()
+
+
+def test_pushes_during_training_carry_the_checkpoints_average(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "checkpoint-3"
+    (checkpoint / EMA_DIR).mkdir(parents=True)
+    pushed: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(
+        "trl_drpo.hub.upload_model_files", lambda folder, **kw: pushed.append((folder, kw.get("path_in_repo")))
+    )
+    trainer = SimpleNamespace(hub_model_id="user/tiny")
+    args = SimpleNamespace(output_dir=str(tmp_path), hub_token=None, hub_revision=None)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=3)
+    CheckpointPushCallback(trainer, "checkpoint").on_save(args, state, None)
+    assert pushed == [(str(checkpoint / EMA_DIR), None), (str(checkpoint / EMA_DIR), "last-checkpoint")]

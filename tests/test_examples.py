@@ -318,7 +318,8 @@ def test_the_digits_runs_recorded_in_the_benchmarks_readme_parse_with_the_flags_
         args = shlex.split(command)[2:]
         script_args, config = parser.parse_args_and_config([*args, "--output_dir", str(tmp_path)])
         flags = dict(zip(args[::2], args[1::2]))
-        assert config.use_ema == (flags.get("--use_ema") == "true"), command
+        preset_ema = PRESETS["digits"].get("use_ema", False)
+        assert config.use_ema == {"true": True, "false": False}.get(flags.get("--use_ema"), preset_ema), command
         assert config.max_steps == int(flags.get("--max_steps", PRESETS["digits"]["max_steps"])), command
         assert script_args.eval_every == int(flags.get("--eval_every", default_eval_every)), command
 

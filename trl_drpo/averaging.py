@@ -6,14 +6,16 @@ The average is updated after every optimizer update. Its decay follows `EMAModel
 100 at the default 0.99). It averages out the update-to-update jitter of the weights, which a rank-only reward makes
 large. Evaluation during training uses the average, and the trained model holds it once training ends, so that
 `save_model` and the model card describe it. Checkpoints keep the trained weights, from which training resumes,
-and the average beside them (`EMA_WEIGHTS_NAME`).
+and the average in their `EMA_DIR` subfolder, written the way `save_model` writes the model (for a LoRA adapter,
+diffusers' format: ``pipe.load_lora_weights("checkpoint-N/ema")`` loads it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -23,8 +25,13 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-EMA_WEIGHTS_NAME = "ema_weights.safetensors"
-"""The moving average in a checkpoint folder: one tensor per trained parameter, by its name in the model."""
+EMA_DIR = "ema"
+"""The checkpoint subfolder holding the moving average, saved as the model is saved, and `EMA_STATE_NAME`."""
+EMA_STATE_NAME = "ema_state.json"
+"""The average's update count (``{"num_updates": n}``), which sets its warm-up when training resumes."""
+
+WeightsIO = Callable[[str], None]
+"""Writes the model's current weights into a folder, or reads a folder's weights into the model in place."""
 
 
 class WeightAverage:
@@ -64,53 +71,60 @@ class WeightAverage:
         finally:
             self.ema.restore(self.parameters)
 
-    def save(self, folder: str) -> None:
-        """Write the average to ``folder/EMA_WEIGHTS_NAME`` (safetensors; the update count in its metadata)."""
-        from safetensors.torch import save_file
+    def save(self, folder: str, write_weights: WeightsIO) -> None:
+        """Write the average into ``folder/EMA_DIR``: the model's weights as `write_weights` writes them, taken while
+        the model holds the average, and the update count (`EMA_STATE_NAME`)."""
+        path = os.path.join(folder, EMA_DIR)
+        os.makedirs(path, exist_ok=True)
+        with self.applied():
+            write_weights(path)
+        with open(os.path.join(path, EMA_STATE_NAME), "w", encoding="utf-8") as handle:
+            json.dump({"num_updates": self.num_updates}, handle)
 
-        tensors = {name: s.detach().cpu().contiguous() for name, s in zip(self.names, self.ema.shadow_params)}
-        save_file(tensors, os.path.join(folder, EMA_WEIGHTS_NAME), metadata={"num_updates": str(self.num_updates)})
-
-    def load(self, folder: str) -> bool:
-        """Read the average from ``folder/EMA_WEIGHTS_NAME``; False when the folder has none.
+    def load(self, folder: str, read_weights: WeightsIO) -> bool:
+        """Read the average that `save` wrote into ``folder/EMA_DIR``: `read_weights` loads it into the model, from
+        which it is taken, and the model's own weights are put back. False when the folder has none.
 
         Raises:
-            ValueError: the file averages other parameters than the model's trainable ones (a checkpoint of another
-                adapter).
+            whatever `read_weights` raises for weights that do not fit the model (another run's adapter).
         """
-        from safetensors import safe_open
-
-        path = os.path.join(folder, EMA_WEIGHTS_NAME)
-        if not os.path.isfile(path):
+        path = os.path.join(folder, EMA_DIR)
+        state_path = os.path.join(path, EMA_STATE_NAME)
+        if not os.path.isfile(state_path):
             return False
-        with safe_open(path, framework="pt") as handle:
-            if sorted(handle.keys()) != sorted(self.names):
-                raise ValueError(
-                    f"{path} averages other parameters than this model trains: it belongs to another run's adapter."
-                )
-            for name, shadow in zip(self.names, self.ema.shadow_params):
-                shadow.copy_(handle.get_tensor(name))
-            self.ema.optimization_step = int((handle.metadata() or {}).get("num_updates", 0))
+        self.ema.store(self.parameters)
+        try:
+            read_weights(path)
+            with torch.no_grad():
+                for shadow, parameter in zip(self.ema.shadow_params, self.parameters):
+                    shadow.copy_(parameter)
+        finally:
+            self.ema.restore(self.parameters)
+        with open(state_path, encoding="utf-8") as handle:
+            self.ema.optimization_step = int(json.load(handle)["num_updates"])
         return True
 
 
 class EMACallback(TrainerCallback):
     """Keeps a `WeightAverage` of the trained model through `transformers.Trainer`'s public hooks: built when training
     begins (from `resume_folder`'s average when resuming), updated at the end of every optimizer update, and copied
-    into the model when training ends."""
+    into the model when training ends. `write_weights` and `read_weights` save and load the model's weights the way
+    the trainer does (see `WeightAverage.save` and `load`)."""
 
-    def __init__(self, decay: float) -> None:
+    def __init__(self, decay: float, write_weights: WeightsIO, read_weights: WeightsIO) -> None:
         self.decay = decay
+        self.write_weights = write_weights
+        self.read_weights = read_weights
         self.average: WeightAverage | None = None
         self.resume_folder: str | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self.average = WeightAverage(model, self.decay)
-        if self.resume_folder is not None and not self.average.load(self.resume_folder):
+        if self.resume_folder is not None and not self.average.load(self.resume_folder, self.read_weights):
             logger.warning(
-                "%s holds no %s (it was saved without use_ema): the moving average starts from the resumed weights.",
+                "%s holds no %s/ (it was saved without use_ema): the moving average starts from the resumed weights.",
                 self.resume_folder,
-                EMA_WEIGHTS_NAME,
+                EMA_DIR,
             )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -126,4 +140,4 @@ class EMACallback(TrainerCallback):
     def save(self, folder: str) -> None:
         """Write the average into a checkpoint `folder` (`WeightAverage.save`), once training has begun."""
         if self.average is not None:
-            self.average.save(folder)
+            self.average.save(folder, self.write_weights)

@@ -36,8 +36,8 @@ ARTEFACTS = (
     "reward_curve.png",
     "eval_metrics.json",
 )
-# The benchmark run's first 450 updates (about 8 minutes on two cores): the shortest of its evaluations, every 150
-# updates, whose held-out gain clears +5 points (+3.9 at 300, +8.3 at 450; benchmarks/README.md).
+# The benchmark run's first 450 updates (about 9 minutes on two cores): the shortest of its evaluations, every 150
+# updates, whose held-out gain clears +5 points (+4.2 at 300, +6.7 at 450; benchmarks/README.md).
 DEMO_STEPS = 450
 GRID_COLUMNS = (0, 2, 4, 6, 8, 9, 10, 11)  # of balanced_prompts("test", 2): each category, position and colours twice
 

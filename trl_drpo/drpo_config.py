@@ -61,7 +61,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # holds it while the losers push it off at full strength), the negatives carry no weight (the candidates' own
     # repulsion keeps them apart) and there is no reference term: with the authors' reference term at 0.5 the
     # held-out captions did not move, and with these the mean of six rose by 8.3 points in 900 updates (16 minutes on
-    # two cores).
+    # two cores). A moving average of the weights, evaluated and saved, ends 1.1-1.4 points higher on two training
+    # seeds (9.7 points from seed 0) and skips the evaluation-to-evaluation dips of the trained weights.
     "digits": {
         "num_generations": 16,
         "num_positives": 4,
@@ -75,6 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "feature_map_kwargs": {"spatial_tokens": True, "pool_size": 1},
         "lora_rank": 8,
         "lora_alpha": 8,
+        "use_ema": True,
         "max_steps": 900,
         "logging_steps": 5,
         "save_strategy": "no",

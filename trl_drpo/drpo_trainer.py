@@ -186,7 +186,8 @@ class DrPOTrainer(Trainer):
         # training arguments pickled, Hub token included: DrPO pushes its checkpoints itself, model files only.
         callbacks = list(callbacks or [])
         # First among the callbacks, so that the others (evaluations at a step's end, the final save) see the average.
-        self._ema = EMACallback(args.ema_decay) if args.use_ema else None
+        # Its checkpoint copy is saved and read back like the model's own weights (a LoRA one loads in diffusers).
+        self._ema = EMACallback(args.ema_decay, self._save, self._load_weights) if args.use_ema else None
         if self._ema is not None:
             callbacks.insert(0, self._ema)
         if args.push_to_hub and args.hub_strategy != HubStrategy.END:
@@ -457,12 +458,16 @@ class DrPOTrainer(Trainer):
                 os.rmdir(staging)  # only when empty
         self.accelerator.wait_for_everyone()
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+    def _load_weights(self, folder: str, model: torch.nn.Module | None = None) -> None:
+        """Load the adapter (or the full denoiser) that `_save` wrote into `folder` into the model, in place."""
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.args.use_lora:
-            load_adapter(denoiser, resume_from_checkpoint, prefix=self.generator.denoiser_name)
+            load_adapter(denoiser, folder, prefix=self.generator.denoiser_name)
         else:
-            load_denoiser(denoiser, resume_from_checkpoint, self.generator.denoiser_name)
+            load_denoiser(denoiser, folder, self.generator.denoiser_name)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        self._load_weights(resume_from_checkpoint, model)
         if self._ema is not None:  # the average is rebuilt, from this checkpoint's, when training begins
             self._ema.resume_folder = resume_from_checkpoint
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .averaging import EMA_DIR
 from .model_card import (
     CARD_MARKER,
     MODEL_CARD_TEMPLATE,
@@ -213,8 +214,10 @@ def upload_model_files(
 class CheckpointPushCallback(TrainerCallback):
     """Pushes each checkpoint the trainer saves, the way `hub_strategy` asks (`every_save`: the model files to the
     repo's root; `checkpoint` / `all_checkpoints`: also under `last-checkpoint/` or `checkpoint-N/`), but only its
-    `MODEL_FILES`: every commit carries a loadable adapter and its card, and nothing pickled. The optimizer and RNG
-    state stay in the local checkpoint, so a run resumes from a local checkpoint folder, not from the Hub."""
+    `MODEL_FILES`: every commit carries a loadable adapter and its card, and nothing pickled. With `use_ema` the
+    adapter pushed is the checkpoint's moving average (its `averaging.EMA_DIR`), the model that evaluation renders and
+    that training ends with. The optimizer and RNG state stay in the local checkpoint, so a run resumes from a local
+    checkpoint folder, not from the Hub."""
 
     def __init__(self, trainer: Any, hub_strategy: str) -> None:
         self.trainer, self.hub_strategy = trainer, str(getattr(hub_strategy, "value", hub_strategy))
@@ -222,12 +225,14 @@ class CheckpointPushCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        averaged = os.path.join(checkpoint, EMA_DIR)
+        folder = averaged if os.path.isdir(averaged) else checkpoint
         message = f"Training in progress, step {state.global_step}"
         push = dict(repo_id=self.trainer.hub_model_id, token=args.hub_token, revision=args.hub_revision)
         upload_model_files(folder, commit_message=message, **push)
         if self.hub_strategy in ("checkpoint", "all_checkpoints"):
-            path = "last-checkpoint" if self.hub_strategy == "checkpoint" else os.path.basename(folder)
+            path = "last-checkpoint" if self.hub_strategy == "checkpoint" else os.path.basename(checkpoint)
             upload_model_files(folder, commit_message=message + ", checkpoint", path_in_repo=path, **push)
 
 
