@@ -170,17 +170,6 @@ def test_a_checkpoint_holds_the_average_and_resuming_from_it_equals_the_uninterr
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
-def test_resuming_a_checkpoint_saved_without_ema_starts_the_average_there(tmp_path, caplog):
-    common = dict(save_strategy="steps", save_steps=2, max_steps=2)
-    DrPOTrainer(
-        tiny_sd_pipeline(), mean_brightness, tiny_drpo_config(tmp_path, **common), train_dataset=PROMPTS
-    ).train()
-    config = tiny_drpo_config(tmp_path, **{**common, "max_steps": 3, "use_ema": True})
-    resumed = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
-    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-2"))
-    assert "saved without use_ema" in caplog.text
-
-
 def test_a_checkpoints_average_is_an_adapter_that_diffusers_loads(tmp_path):
     from safetensors.torch import load_file
 
@@ -209,3 +198,36 @@ def test_pushes_during_training_carry_the_checkpoints_average(tmp_path, monkeypa
     state = SimpleNamespace(is_world_process_zero=True, global_step=3)
     CheckpointPushCallback(trainer, "checkpoint").on_save(args, state, None)
     assert pushed == [(str(checkpoint / EMA_DIR), None), (str(checkpoint / EMA_DIR), "last-checkpoint")]
+
+
+def test_only_the_cards_of_averaged_weights_say_they_are_the_average(tmp_path):
+    config = tiny_drpo_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, use_ema=True)
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+    trainer.train()
+    trainer.save_model()  # the model holds the average once training has ended
+
+    def card(*folder: str) -> str:
+        return " ".join(open(os.path.join(tmp_path, *folder, "README.md"), encoding="utf-8").read().split())
+
+    assert "moving average" not in card("checkpoint-2")  # the trained weights, which training resumes from
+    assert "are a moving average of the trained weights" in card("checkpoint-2", EMA_DIR)
+    assert "are a moving average of the trained weights" in card()
+
+
+@pytest.mark.parametrize(
+    "saved_with_ema, resumed_with_ema, warning",
+    [
+        (False, True, "saved without use_ema"),  # the average starts at the resumed weights
+        (True, False, "use_ema is off"),  # the checkpoint's average is not continued
+    ],
+)
+def test_resuming_across_a_change_of_use_ema_warns_what_becomes_of_the_average(
+    tmp_path, caplog, saved_with_ema, resumed_with_ema, warning
+):
+    common = dict(save_strategy="steps", save_steps=2, max_steps=2)
+    config = tiny_drpo_config(tmp_path, **common, use_ema=saved_with_ema)
+    DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS).train()
+    config = tiny_drpo_config(tmp_path, **{**common, "max_steps": 3, "use_ema": resumed_with_ema})
+    resumed = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-2"))
+    assert warning in caplog.text

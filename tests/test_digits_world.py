@@ -397,3 +397,36 @@ def test_pretraining_rejects_an_empty_stage_before_running_any(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--num_pairs", "0"])
     assert "--num_pairs must be at least 1" in capsys.readouterr().err
+
+
+TIE_SCRIPT = """
+import json
+from trl_drpo.worlds.digits.grammar import parse
+from trl_drpo.worlds.digits.verifier import _evaluate
+
+def glyph(digit, color, x, y):
+    return {"digit": digit, "color": color, "center": (x, y)}
+
+cases = [  # one glyph for two objects: it can be either, each matching one check
+    ("a red 3 and a blue 5", [glyph(5, "red", 8, 8)]),
+    ("a green 1 and a yellow 8", [glyph(8, "green", 24, 24)]),
+    ("a blue 2 and a red 6", [glyph(6, "blue", 8, 24)]),
+    ("a yellow 4 and a green 9", [glyph(9, "yellow", 24, 8)]),
+]
+print(json.dumps([_evaluate(parse(caption), found)["checks"] for caption, found in cases]))
+"""
+
+
+def test_which_check_failed_is_the_same_in_every_process():
+    import subprocess
+    import sys
+
+    # Where assignments of glyphs to the caption's objects tie, the first (in the caption's object order) is kept: the
+    # per-check rates must not depend on the process (hash(None), and with it a set's order, changes between them).
+    runs = {
+        subprocess.run([sys.executable, "-c", TIE_SCRIPT], capture_output=True, text=True, check=True).stdout
+        for _ in range(4)
+    }
+    assert len(runs) == 1
+    first = json.loads(runs.pop())[0]
+    assert first == {"count": 0.0, "digit": 0.0, "color": 0.5}  # the first object takes the glyph: its colour holds

@@ -100,9 +100,28 @@ def test_card_lists_the_key_hyperparameters(tmp_path):
 
 
 def test_card_names_the_ema_decay_only_when_the_saved_weights_are_a_moving_average(tmp_path):
-    assert "ema_decay" not in str(render(tmp_path))
+    assert "ema_decay" not in str(render(tmp_path)) and "moving average" not in str(render(tmp_path))
     averaged = config(tmp_path, hub_model_id="alice/sd-turbo-drpo", use_ema=True, ema_decay=0.995)
-    assert "| ema_decay | `0.995` |" in str(render(tmp_path, args=averaged))
+    text = " ".join(str(render(tmp_path, args=averaged)).split())
+    assert "| ema_decay | `0.995` |" in text
+    assert "a moving average of the trained weights (`ema_decay` 0.995, over about the last 200 updates)" in text
+
+
+@pytest.mark.parametrize(
+    "negative_weight, reference_loss_weight, field",
+    [
+        (3000.0, 0.2, "pulls towards the best candidates, pushes away from the worst, and stays anchored to the base"),
+        (0.0, 0.2, "pulls towards the best candidates and stays anchored to the base model's samples"),
+        (3000.0, 0.0, "pulls towards the best candidates and pushes away from the worst."),
+        (0.0, 0.0, "pulls towards the best candidates."),
+    ],
+)
+def test_card_describes_only_the_drift_terms_the_run_weighs(tmp_path, negative_weight, reference_loss_weight, field):
+    args = config(
+        tmp_path, hub_model_id="a/b", negative_weight=negative_weight, reference_loss_weight=reference_loss_weight
+    )
+    text = " ".join(str(render(tmp_path, args=args)).split())
+    assert f"drift field that {field}" in text
 
 
 def test_card_reports_base_and_tuned_rewards_with_the_change(tmp_path):

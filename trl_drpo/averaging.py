@@ -47,6 +47,8 @@ class WeightAverage:
         self.names = [name for name, _ in named]
         self.parameters = [p for _, p in named]
         self.ema = EMAModel(self.parameters, decay=decay, use_ema_warmup=True, inv_gamma=1.0, power=1.0)
+        self.in_model = False
+        """Whether the model's parameters hold the average now (within `applied`, or after `copy_to_model`)."""
 
     @property
     def num_updates(self) -> int:
@@ -56,20 +58,28 @@ class WeightAverage:
     def step(self) -> None:
         """Take the parameters' current values into the average (call after each optimizer update)."""
         self.ema.step(self.parameters)
+        self.in_model = False
 
     def copy_to_model(self) -> None:
         """Overwrite the model's trainable parameters with the average."""
         self.ema.copy_to(self.parameters)
+        self.in_model = True
 
     @contextmanager
     def applied(self) -> Iterator[None]:
-        """Within this context the model holds the average; its own weights come back on exit."""
+        """Within this context the model holds the average; its own weights come back on exit. Nested in another
+        `applied`, or after `copy_to_model`, it changes nothing."""
+        if self.in_model:
+            yield
+            return
         self.ema.store(self.parameters)
         self.ema.copy_to(self.parameters)
+        self.in_model = True
         try:
             yield
         finally:
             self.ema.restore(self.parameters)
+            self.in_model = False
 
     def save(self, folder: str, write_weights: WeightsIO) -> None:
         """Write the average into ``folder/EMA_DIR``: the model's weights as `write_weights` writes them, taken while
@@ -132,6 +142,11 @@ class EMACallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.average.copy_to_model()
+
+    @property
+    def holds_average(self) -> bool:
+        """Whether the model holds the average now: within `applied()`, and once training has ended."""
+        return self.average is not None and self.average.in_model
 
     def applied(self) -> AbstractContextManager[None]:
         """The average in the model within this context, once training has begun; otherwise nothing changes."""

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints
 
-from .averaging import EMACallback
+from .averaging import EMA_DIR, EMACallback
 from .checkpoints import STAGING_DIR, publish_checkpoint, resume_checkpoint
 from .drpo_config import DrPOConfig
 from .evaluation import last_eval_metrics, render_pairs, reward_means, seed_major_pairs
@@ -470,6 +470,13 @@ class DrPOTrainer(Trainer):
         self._load_weights(resume_from_checkpoint, model)
         if self._ema is not None:  # the average is rebuilt, from this checkpoint's, when training begins
             self._ema.resume_folder = resume_from_checkpoint
+        elif os.path.isdir(os.path.join(resume_from_checkpoint, EMA_DIR)):
+            logger.warning(
+                "%s holds a moving average of the weights (%s/), but use_ema is off: training resumes from the "
+                "trained weights and the average is not continued (set use_ema=True to continue it).",
+                resume_from_checkpoint,
+                EMA_DIR,
+            )
 
     def _write_model_card(self, output_dir: str, **kwargs: Any) -> None:
         write_model_card(
@@ -483,6 +490,7 @@ class DrPOTrainer(Trainer):
             repo_id=getattr(self, "hub_model_id", None),  # the full "user/name" once push_to_hub created the repo
             call_kwargs=trained_call_kwargs(self.generator, self.args.resolution),
             example_prompt=first_prompt(self.train_dataset, self.args.prompt_column),
+            weights_averaged=self._ema is not None and self._ema.holds_average,
             **kwargs,
         )
 

@@ -129,6 +129,7 @@ _CARD_HYPERPARAMETERS = (
     "num_positives",
     "num_negatives",
     "anchor_selection",
+    "mask_anchor_copies",
     "ranking_vae",
     "ranking_resolution",
     "kernel",
@@ -175,6 +176,18 @@ def _secrets(args: Any) -> list[str]:
     return [value for value in values if isinstance(value, str) and len(value) >= 4]
 
 
+def _drift_field(args: Any, offline: bool) -> str:
+    """What the run's drift field does, in words: only the terms whose weight is non-zero."""
+    terms = ["pulls towards the encoded chosen image" if offline else "pulls towards the best candidates"]
+    if getattr(args, "negative_weight", 0.0) > 0:
+        terms.append("pushes away from the rejected one" if offline else "pushes away from the worst")
+    if getattr(args, "reference_loss_weight", 0.0) > 0:
+        terms.append("stays anchored to the base model's samples (weight `reference_loss_weight`)")
+    if len(terms) < 3:
+        return " and ".join(terms)
+    return ", ".join(terms[:-1]) + ", and " + terms[-1]
+
+
 def render_model_card(
     pipeline: Any,
     args: Any,
@@ -190,6 +203,7 @@ def render_model_card(
     call_kwargs: dict[str, Any] | None = None,
     example_prompt: str | None = None,
     eval_description: str | None = None,
+    weights_averaged: bool | None = None,
 ) -> ModelCard:
     """Render the DrPO model card (a `huggingface_hub.ModelCard`) from the template in ``model_cards/``.
 
@@ -209,6 +223,9 @@ def render_model_card(
             evaluation (e.g. the digit world's pass rates); None describes `DrPOTrainer.evaluate`'s mean rewards.
         example_prompt: the quick start's prompt when `args.eval_prompts` is empty (whose first prompt it is
             otherwise).
+        weights_averaged: whether the weights the card goes with are the run's moving average (`args.use_ema`), as
+            they are once training ends, and not the trained weights a checkpoint resumes from; default
+            `args.use_ema`.
 
     With no rewards (offline DrPO) the card describes the preference pairs instead of a reward table.
     """
@@ -251,8 +268,11 @@ def render_model_card(
     hyperparameters = [
         (name, _display_value(getattr(args, name))) for name in _CARD_HYPERPARAMETERS if hasattr(args, name)
     ]
-    if getattr(args, "use_ema", False):  # the saved weights are the moving average, not the last update's
-        hyperparameters.append(("ema_decay", _display_value(args.ema_decay)))
+    if weights_averaged is None:
+        weights_averaged = getattr(args, "use_ema", False)
+    ema_decay = args.ema_decay if weights_averaged else None
+    if ema_decay is not None:  # the saved weights are the moving average, not the last update's
+        hyperparameters.append(("ema_decay", _display_value(ema_decay)))
     hyperparameters.append(("mixed_precision", _precision(args)))
     card = ModelCard.from_template(
         card_data,
@@ -284,6 +304,9 @@ def render_model_card(
         if _hub_id_or_none(dataset)
         else None,
         sample_grid=sample_grid,
+        drift_field=_drift_field(args, offline=not reward_names),
+        ema_decay=ema_decay,
+        ema_horizon=round(1 / (1 - ema_decay)) if ema_decay is not None else None,
         hyperparameters=hyperparameters,
         versions=_versions(),
     )

@@ -81,9 +81,11 @@ def _evaluate(structure: dict[str, Any], found: list[dict[str, Any]]) -> dict[st
     objects, relation = structure["objects"], structure["relation"]
     results: dict[str, list[bool]] = {"count": [len(found) == len(objects)]}
     best: dict[str, list[bool]] | None = None
-    # Try every assignment of distinct glyphs to the caption's objects (None when glyphs run out).
+    # Try every assignment of distinct glyphs to the caption's objects (None when glyphs run out), in a fixed order:
+    # among assignments that satisfy as many checks, the first wins, so which check failed does not depend on the
+    # process (a set of tuples holding None would iterate in an order that varies from one process to the next).
     slots = list(range(len(found))) + [None] * len(objects)
-    for assignment in set(itertools.permutations(slots, len(objects))):
+    for assignment in dict.fromkeys(itertools.permutations(slots, len(objects))):
         checks: dict[str, list[bool]] = {"digit": [], "color": [], "position": []}
         for obj, slot in zip(objects, assignment):
             glyph = found[slot] if slot is not None else None
