@@ -125,7 +125,9 @@ def verify(images: ImageBatch, prompts: Sequence[str] | str, judge: bool = False
 
     Args:
         images: PIL images of any size and mode, `(3, H, W)` tensors or `(H, W, 3)` arrays, or a `(B, 3, H, W)`
-            float tensor in [0, 1]. Each is resampled to 32x32 RGB.
+            float tensor in [0, 1]. Each is resampled to 32x32 RGB. A greyscale image keeps no colour, so colour
+            checks fail on it, and glyphs of a dark colour (the world's blue is about 0.45 in luminance) may fall
+            below the ink threshold and go undetected.
         prompts: one caption of the grammar per image (or one string for all).
         judge: use the independent judge instead of the verifier.
 
