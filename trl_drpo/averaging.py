@@ -102,14 +102,10 @@ class WeightAverage:
         state_path = os.path.join(path, EMA_STATE_NAME)
         if not os.path.isfile(state_path):
             return False
-        self.ema.store(self.parameters)
-        try:
+        with self.applied(), torch.no_grad():  # the model's own weights come back on exit
             read_weights(path)
-            with torch.no_grad():
-                for shadow, parameter in zip(self.ema.shadow_params, self.parameters):
-                    shadow.copy_(parameter)
-        finally:
-            self.ema.restore(self.parameters)
+            for shadow, parameter in zip(self.ema.shadow_params, self.parameters):
+                shadow.copy_(parameter)
         with open(state_path, encoding="utf-8") as handle:
             self.ema.optimization_step = int(json.load(handle)["num_updates"])
         return True

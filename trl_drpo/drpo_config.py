@@ -268,8 +268,9 @@ class DrPOConfig(TrainingArguments):
         use_ema (`bool`, *optional*, defaults to `False`):
             Keep an exponential moving average of the trained weights (diffusers' `EMAModel`, updated after every
             optimizer update). Evaluation during training uses it, and the model holds it when training ends, so the
-            saved adapter is the average; checkpoints keep the trained weights and the average beside them
-            (`trl_drpo.averaging`). Not in the paper: it settles the update-to-update jitter of a rank-only reward.
+            saved adapter is the average; checkpoints keep the trained weights and the average, saved the same way,
+            in their `ema/` subfolder (`trl_drpo.averaging`). Not in the paper: it settles the update-to-update
+            jitter of a rank-only reward.
         ema_decay (`float`, *optional*, defaults to `0.99`):
             Decay of the moving average, in (0, 1): the average is the plain mean of the first `1 / (1 - ema_decay)`
             updates' weights, then exponential with a horizon of about that many updates.
