@@ -319,8 +319,18 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _parse(parser: Any, argv: list[str]) -> tuple[Any, ...]:
+    """`parser.parse_args_and_config(argv)`, where a configuration the dataclasses' own checks reject (a `ValueError`
+    from `DrPOConfig.__post_init__`, say) ends as argparse's errors do: the usage line, the message naming the fix,
+    exit status 2, and no traceback, since the user's flags or YAML are at fault, not the program."""
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def _train_command(argv: list[str]) -> None:
-    script_args, config = make_train_parser(prog="trl-drpo train").parse_args_and_config(argv)
+    script_args, config = _parse(make_train_parser(prog="trl-drpo train"), argv)
     trainer = train(script_args, config)
     if trainer.is_world_process_zero():
         import glob
@@ -340,7 +350,7 @@ def _train_command(argv: list[str]) -> None:
 def _sample_command(argv: list[str]) -> None:
     from trl import TrlParser
 
-    (args,) = TrlParser(SampleArguments, prog="trl-drpo sample").parse_args_and_config(argv)
+    (args,) = _parse(TrlParser(SampleArguments, prog="trl-drpo sample"), argv)
     manifest = sample(args)
     print(f"{len(manifest['images'])} images per model written to {os.path.abspath(args.output_dir)}")
 
@@ -348,7 +358,7 @@ def _sample_command(argv: list[str]) -> None:
 def _evaluate_command(argv: list[str]) -> None:
     from trl import TrlParser
 
-    (args,) = TrlParser(EvaluateArguments, prog="trl-drpo evaluate").parse_args_and_config(argv)
+    (args,) = _parse(TrlParser(EvaluateArguments, prog="trl-drpo evaluate"), argv)
     results = evaluate(args)
     rows = ["metric", *results["base"]]
     width = max(len(row) for row in rows)
