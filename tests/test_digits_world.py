@@ -301,6 +301,22 @@ def test_align_logs_each_held_out_evaluation_and_the_model_card_reads_the_final_
     }
 
 
+def test_the_evaluation_command_measures_a_saved_adapter_as_align_measured_it(tmp_path):
+    from trl_drpo import DrPOConfig
+    from trl_drpo.worlds.digits import evaluation
+    from trl_drpo.worlds.digits.alignment import align
+
+    # A large step and no average, so that the adapter visibly changes what the base draws.
+    values = tiny_drpo_values(tmp_path / "run", learning_rate=0.3, use_ema=False)
+    trainer, report = align(DrPOConfig.from_preset("digits", **values), eval_per_category=1, best_of=False)
+    assert report["tuned"]["verifier"]["score"] != report["base"]["verifier"]["score"]
+    trainer.save_model(values["output_dir"])
+    output_file = tmp_path / "eval.json"
+    evaluation.main(["--lora", values["output_dir"], "--per_category", "1", "--output_file", str(output_file)])
+    written = json.loads(output_file.read_text())
+    assert written == json.loads(json.dumps({"base": report["base"], "tuned": report["tuned"]}))
+
+
 def test_preference_pairs_prefer_the_verifiers_choice_on_train_captions_only(pipe, tmp_path):
     from trl_drpo.preferences import load_preference_dataset
     from trl_drpo.worlds.digits.preferences import preference_pairs
