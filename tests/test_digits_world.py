@@ -250,7 +250,9 @@ def test_a_few_drpo_steps_on_the_shipped_base_raise_the_verifier_score_of_the_tr
     captions = [item["prompt"] for item in digits.prompts("train", "position")][::7][:4]
     # 64 images per caption (256 in all, cheap to draw and verify): on 16 per caption the pass rate could stay on the
     # same count by chance while the score rose.
-    repeated, seeds = [c for c in captions for _ in range(64)], [20_000 + j for _ in captions for j in range(64)]
+    per_caption = 64
+    repeated = [c for c in captions for _ in range(per_caption)]
+    seeds = [20_000 + j for _ in captions for j in range(per_caption)]
 
     def score_and_pass_rate(pipe) -> tuple[float, float]:
         results = digits.verify(generate(pipe, repeated, seeds), repeated)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .grammar import CATEGORIES, balanced_prompts
-from .verifier import summarize, verify
+from .verifier import CHECKS, summarize, verify
 
 
 EVAL_SEED_BASE = 10_000
@@ -113,16 +113,15 @@ def as_eval_metrics(base: dict[str, Any] | None, tuned: dict[str, Any]) -> dict[
 def table_markdown(rows: dict[str, dict[str, Any]]) -> str:
     """A GenEval-like markdown table: one row per `{name: evaluate_pipeline(...)}` entry, verifier / judge pass
     rates (%) per category and their mean, then the mean score and per-check rates of the verifier."""
-    checks = ("count", "digit", "color", "position")
     # "check" in the name keeps the position check apart from the `position` category.
-    header = ["", *CATEGORIES, "mean (6)", "score", *(f"{check} check" for check in checks)]
+    header = ["", *CATEGORIES, "mean (6)", "score", *(f"{check} check" for check in CHECKS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, result in rows.items():
         v, j = result["verifier"], result["judge"]
         cells = [f"{v[c]:.1f} / {j[c]:.1f}" for c in CATEGORIES]
         cells.append(f"**{v['overall']:.1f}** / {j['overall']:.1f}")
         cells.append(f"{v['score']:.3f}")
-        cells += [f"{v.get('check_' + k, float('nan')):.1f}" for k in checks]
+        cells += [f"{v.get('check_' + k, float('nan')):.1f}" for k in CHECKS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
