@@ -68,6 +68,15 @@ def test_latent_mae_without_its_checkpoint_says_where_to_get_it(tmp_path):
     DrPOConfig(output_dir=str(tmp_path)).check_feature_map()  # the default denoiser features need no weights
 
 
+def test_latent_mae_in_a_combination_without_its_checkpoint_says_where_to_get_it(tmp_path):
+    config = DrPOConfig(output_dir=str(tmp_path), feature_map="denoiser+latent_mae")
+    with pytest.raises(ValueError, match="needs its checkpoint"):
+        config.check_feature_map()
+    kwargs = {"denoiser": {}, "latent_mae": {"model_name_or_path": "x"}}
+    given = DrPOConfig(output_dir=str(tmp_path), feature_map="denoiser+latent_mae", feature_map_kwargs=kwargs)
+    given.check_feature_map()
+
+
 def test_fast_preset_ranks_with_a_tiny_decoder_at_224_px_on_latent_mae_features_without_reference(tmp_path):
     config = DrPOConfig.from_preset("fast", output_dir=str(tmp_path), fp16=False)
     assert (config.ranking_vae, config.ranking_resolution) == ("madebyollin/taesd", 224)

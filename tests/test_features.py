@@ -10,8 +10,10 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2
 
 from trl_drpo.features import (
     FEATURE_MAPS,
+    CombinedFeatureMap,
     DenoiserFeatureMap,
     LatentMAEResNet,
+    VAEDecoderFeatureMap,
     build_feature_map,
 )
 from trl_drpo.generators import OneStepGenerator
@@ -51,7 +53,7 @@ def _assert_frozen(fmap) -> None:
 
 
 def test_registry_lists_every_documented_map():
-    assert {"denoiser", "latent_mae", "dinov2", "vit_mae", "clip_vision", "latent"} <= set(FEATURE_MAPS)
+    assert {"denoiser", "vae_decoder", "latent_mae", "dinov2", "vit_mae", "clip_vision", "latent"} <= set(FEATURE_MAPS)
 
 
 def test_unknown_feature_map_name_raises_listing_the_available_ones(sd_gen):
@@ -235,6 +237,122 @@ def test_latent_mae_needs_a_checkpoint_path(sd_gen, tmp_path):
         build_feature_map("latent_mae", sd_gen)
     with pytest.raises(FileNotFoundError):
         build_feature_map("latent_mae", sd_gen, model_name_or_path=tmp_path / "missing.pth")
+
+
+# --------------------------------------------------------------------------------------------------------- vae decoder
+
+
+def _decoder_mid_block(gen: OneStepGenerator, latents: torch.Tensor) -> torch.Tensor:
+    # What AutoencoderKL's decoder computes up to its mid block, written out.
+    vae = gen.vae
+    z = vae.post_quant_conv(latents / vae.config.scaling_factor)
+    return vae.decoder.mid_block(vae.decoder.conv_in(z))
+
+
+def test_vae_decoder_features_are_patch_statistics_of_the_decoder_mid_block_with_gradient(gen):
+    fmap = build_feature_map("vae_decoder", gen)
+    assert isinstance(fmap, VAEDecoderFeatureMap) and fmap.keys == ("mid_block_mean_4", "mid_block_std_4")
+    latents = _latents(gen, n=2)
+    features = fmap(latents)
+    mid = _decoder_mid_block(gen, latents.detach())  # (2, C, 8, 8): 4x4 patches give a 2x2 grid of tokens
+    patch = mid[:, :, :4, 4:]  # the top-right patch, token 1 in row-major order
+    torch.testing.assert_close(features["mid_block_mean_4"][:, 1], patch.mean(dim=(2, 3)))
+    torch.testing.assert_close(
+        features["mid_block_std_4"][:, 1], (patch.var(dim=(2, 3), unbiased=False) + 1e-6).sqrt()
+    )
+    assert features["mid_block_mean_4"].shape == (2, 4, mid.shape[1])
+    _assert_grad_reaches(latents, features)
+    _assert_frozen(fmap)
+
+
+def test_vae_decoder_features_run_the_decoder_only_up_to_the_last_block_they_read(sd_gen):
+    calls = []
+    sd_gen.vae.decoder.conv_out.register_forward_hook(lambda *_: calls.append("conv_out"))
+    sd_gen.vae.decoder.up_blocks[0].register_forward_hook(lambda *_: calls.append("up_blocks.0"))
+    build_feature_map("vae_decoder", sd_gen)(_latents(sd_gen))
+    assert calls == []
+    build_feature_map("vae_decoder", sd_gen, keys=["up_blocks.0_mean"])(_latents(sd_gen))
+    assert calls == ["up_blocks.0"]
+
+
+def test_vae_decoder_features_of_a_batch_do_not_depend_on_the_vaes_slicing(sd_gen):
+    latents = _latents(sd_gen).detach()
+    whole = build_feature_map("vae_decoder", sd_gen)(latents)
+    sd_gen.vae.enable_slicing()  # diffusers then decodes one latent at a time
+    sliced = build_feature_map("vae_decoder", sd_gen)(latents)
+    for key, value in whole.items():
+        torch.testing.assert_close(sliced[key], value)
+
+
+def test_vae_decoder_without_a_mid_block_asks_for_the_keys_of_its_up_blocks(sd_gen):
+    sd_gen.vae.decoder.mid_block = None  # as SANA's AutoencoderDC
+    with pytest.raises(ValueError, match=r"no mid_block.*choose feature_keys among \['up_blocks.0_mean'"):
+        build_feature_map("vae_decoder", sd_gen)
+    fmap = build_feature_map("vae_decoder", sd_gen, keys=["up_blocks.0_mean"])
+    assert fmap.keys == ("up_blocks.0_mean",)
+
+
+def test_vae_decoder_features_need_a_decoder_with_blocks(sd_gen):
+    sd_gen.vae.decoder = torch.nn.Conv2d(4, 3, 1)  # a decoder without mid or up blocks, as AutoencoderTiny's
+    with pytest.raises(ValueError, match="feature_map='denoiser' instead"):
+        build_feature_map("vae_decoder", sd_gen)
+
+
+# --------------------------------------------------------------------------------------------------------- combined
+
+
+def test_a_combined_map_returns_each_maps_features_under_its_name(sd_gen):
+    fmap = build_feature_map("denoiser+vae_decoder", sd_gen, denoiser={"pool_size": 2}, vae_decoder={})
+    assert isinstance(fmap, CombinedFeatureMap) and fmap.requires_embeds and fmap.takes_call_layout
+    assert fmap.keys == (
+        "denoiser/down_blocks.1",
+        "denoiser/mid_block",
+        "denoiser/up_blocks.0",
+        "vae_decoder/mid_block_mean_4",
+        "vae_decoder/mid_block_std_4",
+    )
+    latents, embeds = _latents(sd_gen), sd_gen.encode_prompts(["a cat"])
+    features = fmap(latents, embeds)
+    parts = {
+        "denoiser": build_feature_map("denoiser", sd_gen, pool_size=2)(latents, embeds),
+        "vae_decoder": build_feature_map("vae_decoder", sd_gen)(latents),
+    }
+    assert list(features) == list(fmap.keys)
+    for name, part in parts.items():
+        for key, value in part.items():
+            torch.testing.assert_close(features[f"{name}/{key}"], value)
+    _assert_grad_reaches(latents, features)
+
+
+def test_a_combined_map_reads_the_chosen_keys_of_each_map(sd_gen):
+    keys = ["vae_decoder/up_blocks.0_std", "denoiser/mid_block"]
+    fmap = build_feature_map("denoiser+vae_decoder", sd_gen, keys=keys)
+    assert fmap.keys == ("denoiser/mid_block", "vae_decoder/up_blocks.0_std")
+
+
+def test_a_combined_map_takes_its_kwargs_per_map(sd_gen):
+    with pytest.raises(ValueError, match=r"per map, \{'denoiser': \{\.\.\.\}, 'vae_decoder'.*\['pool_size'\]"):
+        build_feature_map("denoiser+vae_decoder", sd_gen, pool_size=2)
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (["mid_block"], r"keys of feature_map='denoiser\+vae_decoder' are '<map>/<key>'"),
+        (["denoiser/mid_block"], r"choose no key of \['vae_decoder'\]"),
+        (["denoiser/mid_blok", "vae_decoder/mid_block_mean"], r"Unknown feature keys \['mid_blok'\]"),
+    ],
+)
+def test_a_combined_maps_keys_must_name_a_key_of_each_of_its_maps(sd_gen, keys, message):
+    with pytest.raises(ValueError, match=message):
+        build_feature_map("denoiser+vae_decoder", sd_gen, keys=keys)
+
+
+def test_a_combination_names_distinct_registered_maps(sd_gen):
+    with pytest.raises(ValueError, match="distinct map names"):
+        build_feature_map("denoiser+denoiser", sd_gen)
+    with pytest.raises(ValueError, match="Unknown feature map 'dino'"):
+        build_feature_map("denoiser+dino", sd_gen)
 
 
 # --------------------------------------------------------------------------------------------------------- latent

@@ -15,6 +15,7 @@ import torch
 from tiny_families import RESOLUTION, SETUPS
 
 from trl_drpo import DrPOTrainer
+from trl_drpo.features import build_feature_map
 from trl_drpo.generators import GENERATORS, OneStepGenerator, registered_generator
 from trl_drpo.generators.call import call_parameters
 from trl_drpo.hub import LORA_WEIGHT_NAME, load_lora_into, save_adapter
@@ -157,6 +158,20 @@ def test_two_drpo_trainer_steps_run_with_the_denoiser_features(setup, tmp_path):
     assert trainer.state.global_step == 2
     after = dict(trainer.generator.unwrapped_denoiser.named_parameters())
     assert any(not torch.equal(after[name], value) for name, value in before.items())
+
+
+def test_the_vae_decoder_features_read_the_decoder_the_pipeline_decodes_with_and_reach_the_latents(setup):
+    pipe, gen = build(setup)
+    decoder = gen.vae.decoder
+    # SANA's AutoencoderDC has no mid block and runs its up blocks from the last index down.
+    first_up_block = f"up_blocks.{len(decoder.up_blocks) - 1}_mean"
+    keys = None if getattr(decoder, "mid_block", None) is not None else [first_up_block]
+    fmap = build_feature_map("vae_decoder", gen, keys=keys, patch_sizes=[2])
+    noise = noise_for(gen).requires_grad_(True)
+    features = fmap(noise)
+    assert features and all(value.shape[0] == len(PROMPTS) for value in features.values())
+    sum(value.square().mean() for value in features.values()).backward()
+    assert noise.grad.abs().sum() > 0
 
 
 def test_saved_adapter_loaded_into_a_fresh_pipeline_reproduces_the_tuned_images(setup, tmp_path):

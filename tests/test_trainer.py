@@ -63,6 +63,22 @@ def test_training_changes_every_lora_parameter_and_nothing_else(tmp_path):
         assert torch.equal(dict(getattr(pipe, component).named_parameters())[rest].detach(), value)
 
 
+def test_a_combined_feature_map_trains_with_its_kwargs_given_per_map_and_leaves_the_vae_frozen(tmp_path):
+    pipe = tiny_sd_pipeline()
+    vae = {name: p.detach().clone() for name, p in pipe.vae.named_parameters()}
+    config = small_config(
+        tmp_path,
+        feature_map="denoiser+vae_decoder",
+        feature_map_kwargs={"denoiser": {"spatial_tokens": True, "pool_size": 1}, "vae_decoder": {"patch_sizes": [4]}},
+    )
+    trainer = DrPOTrainer(pipe, mean_brightness, config, train_dataset=PROMPTS)
+    assert trainer.feature_map.keys[-2:] == ("vae_decoder/mid_block_mean_4", "vae_decoder/mid_block_std_4")
+    lora_before = lora_state(trainer)
+    trainer.train()
+    assert all(not torch.equal(p, lora_before[n]) for n, p in lora_state(trainer).items())
+    assert all(torch.equal(p.detach(), vae[n]) for n, p in pipe.vae.named_parameters())
+
+
 def test_chunked_gradient_equals_one_graph_gradient(tmp_path):
     def gradients(chunk):
         torch.manual_seed(0)

@@ -239,12 +239,14 @@ class DrPOConfig(TrainingArguments):
         > Parameters that control the feature space
 
         feature_map (`str`, *optional*, defaults to `"denoiser"`):
-            Frozen feature map phi: `"denoiser"` (the frozen base denoiser's blocks), `"latent_mae"`, `"dinov2"`,
-            `"vit_mae"`, `"clip_vision"` or `"latent"`.
+            Frozen feature map phi: `"denoiser"` (the frozen base denoiser's blocks), `"vae_decoder"` (the VAE
+            decoder's blocks), `"latent_mae"`, `"dinov2"`, `"vit_mae"`, `"clip_vision"` or `"latent"`; or several
+            joined with `+` (`"denoiser+vae_decoder"`), whose keys are `"<map>/<key>"`.
         feature_keys (`list[str]` or `None`, *optional*, defaults to `None`):
             Keys of the feature map to use; `None` uses the map's defaults.
         feature_map_kwargs (`dict` or `None`, *optional*, defaults to `None`):
-            Keyword arguments of the feature map (e.g. `{"model_name_or_path": "facebook/dinov2-base"}`).
+            Keyword arguments of the feature map (e.g. `{"model_name_or_path": "facebook/dinov2-base"}`); for a
+            combination, one dict per map (`{"denoiser": {"pool_size": 1}, "vae_decoder": {}}`).
         feature_aggregation (`str`, *optional*, defaults to `"sum"`):
             How the per-key losses combine: `"sum"` (SD-Turbo recipe) or `"mean"` (SDXL recipe).
 
@@ -492,14 +494,22 @@ class DrPOConfig(TrainingArguments):
     def check_feature_map(self) -> None:
         """Raise a `ValueError` naming the fix when the feature map needs weights that `feature_map_kwargs` does not
         give (the latent-MAE's checkpoint). The trainer and the CLI call it before any model is loaded."""
+        from .features.base import COMBINE
+
+        parts = self.feature_map.split(COMBINE)
+        if "latent_mae" not in parts:
+            return
         kwargs = self.feature_map_kwargs or {}
-        if self.feature_map == "latent_mae" and not (kwargs.get("model_name_or_path") or kwargs.get("model")):
+        where = "feature_map_kwargs={'model_name_or_path': ...}"
+        if len(parts) > 1:  # a combination takes its kwargs per map
+            kwargs = kwargs.get("latent_mae") if isinstance(kwargs.get("latent_mae"), dict) else {}
+            where = "feature_map_kwargs={'latent_mae': {'model_name_or_path': ...}, ...}"
+        if not (kwargs.get("model_name_or_path") or kwargs.get("model")):
             from .features.latent import LATENT_MAE_CHECKPOINT
 
             raise ValueError(
-                "feature_map='latent_mae' (the paper's SD-Turbo features) needs its checkpoint: set feature_map_kwargs"
-                f"={{'model_name_or_path': ...}} to {LATENT_MAE_CHECKPOINT}; or use feature_map='denoiser', which "
-                "needs no extra weights."
+                f"feature_map='latent_mae' (the paper's SD-Turbo features) needs its checkpoint: set {where} to "
+                f"{LATENT_MAE_CHECKPOINT}; or use feature_map='denoiser', which needs no extra weights."
             )
 
     @property

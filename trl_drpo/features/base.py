@@ -13,6 +13,7 @@ from ..generators import OneStepGenerator, PromptEmbeds, map_rows
 
 logger = logging.getLogger(__name__)
 
+
 STD_EPS = 1e-6
 """Added to the variance before the square root in every `_std` key (as the authors do)."""
 
@@ -101,8 +102,44 @@ class FeatureMap(nn.Module):
 
     @classmethod
     def from_generator(cls, generator: OneStepGenerator, keys: Sequence[str] | None = None, **kwargs: Any):
-        """Build the map for `generator` (see each subclass for its keyword arguments)."""
-        raise NotImplementedError
+        """Build the map for `generator`: by default its constructor, `cls(generator, keys=keys, **kwargs)` (see each
+        subclass for its keyword arguments)."""
+        return cls(generator, keys=keys, **kwargs)
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the last block a map reads, so that the rest of the network does not run."""
+
+
+def _same(output: Any) -> Any:
+    return output
+
+
+def read_block_outputs(
+    root: nn.Module, names: Sequence[str], forward: Callable[[], Any], transform: Callable[[Any], Tensor] = _same
+) -> dict[str, Tensor]:
+    """Run `forward()` (a call of `root`) with forward hooks on `root`'s submodules `names`, and return each one's
+    output through `transform`, stopping the forward as soon as all of them have run (in whatever order the network
+    runs them), so that the blocks after them cost nothing."""
+    captured: dict[str, Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured[name] = transform(output)
+            if len(captured) == len(names):
+                raise _StopForward
+
+        return hook
+
+    handles = [root.get_submodule(name).register_forward_hook(hook_for(name)) for name in names]
+    try:
+        forward()
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
 
 
 _FeatureMapT = TypeVar("_FeatureMapT", bound="type[FeatureMap]")
@@ -122,18 +159,93 @@ def register_feature_map(name: str) -> Callable[[_FeatureMapT], _FeatureMapT]:
     return decorator
 
 
+COMBINE = "+"
+"""Joins map names into one combined map: ``"denoiser+vae_decoder"`` (see :class:`CombinedFeatureMap`)."""
+
+
+class CombinedFeatureMap(FeatureMap):
+    """Several feature maps read side by side: the union of their keys, each key its own particle set (so the drift
+    loss aggregates over all of them, docs/method.md §5). Built by :func:`build_feature_map` from a name such as
+    ``"denoiser+vae_decoder"``.
+
+    Keys are ``"<map>/<key>"`` (``"denoiser/mid_block"``, ``"vae_decoder/mid_block_mean_4"``); each part computes
+    its own keys, in the order of the name, with the gradient to the latents of every part.
+    """
+
+    def __init__(self, maps: dict[str, FeatureMap]) -> None:
+        super().__init__()
+        self.maps = nn.ModuleDict(maps)
+        self.keys = tuple(f"{name}/{key}" for name, fmap in maps.items() for key in fmap.keys)
+        self.requires_embeds = any(fmap.requires_embeds for fmap in maps.values())
+        self.takes_call_layout = all(fmap.takes_call_layout for fmap in maps.values())
+
+    @property
+    def available_keys(self) -> tuple[str, ...]:
+        return tuple(f"{name}/{key}" for name, fmap in self.maps.items() for key in fmap.available_keys)
+
+    @property
+    def default_keys(self) -> tuple[str, ...]:
+        return tuple(f"{name}/{key}" for name, fmap in self.maps.items() for key in fmap.default_keys)
+
+    def compute(self, latents: Tensor, embeds: PromptEmbeds | None) -> dict[str, Tensor]:
+        features = {}
+        for name, fmap in self.maps.items():
+            features.update({f"{name}/{key}": value for key, value in fmap(latents, embeds).items()})
+        return features
+
+
+def _split_combined(name: str, keys: Sequence[str] | None, kwargs: dict[str, Any]) -> dict[str, tuple]:
+    # "a+b" -> {part: (its keys or None, its kwargs)}, validating the per-map layout of keys and kwargs.
+    parts = name.split(COMBINE)
+    if len(set(parts)) != len(parts) or not all(parts):
+        raise ValueError(f"feature_map={name!r} must join distinct map names with '+', e.g. 'denoiser+vae_decoder'.")
+    stray = [k for k, v in kwargs.items() if k not in parts or not isinstance(v, dict)]
+    if stray:
+        example = ", ".join(f"{part!r}: {{...}}" for part in parts)
+        raise ValueError(
+            f"feature_map={name!r} takes feature_map_kwargs per map, {{{example}}}; got {sorted(stray)} at the top "
+            "level."
+        )
+    per_part: dict[str, list[str] | None] = dict.fromkeys(parts)
+    for key in keys or ():
+        part, _, sub = key.partition("/")
+        if part not in per_part or not sub:
+            raise ValueError(
+                f"feature key {key!r}: the keys of feature_map={name!r} are '<map>/<key>' with <map> one of {parts}."
+            )
+        per_part[part] = [*(per_part[part] or []), sub]
+    if keys is not None:
+        empty = [part for part, chosen in per_part.items() if not chosen]
+        if empty:
+            raise ValueError(
+                f"feature_keys choose no key of {empty}: give each map of feature_map={name!r} at least one "
+                "'<map>/<key>' key, or leave feature_keys unset for every map's defaults."
+            )
+    return {part: (per_part[part], kwargs.get(part, {})) for part in parts}
+
+
 def build_feature_map(
     name: str, generator: OneStepGenerator, keys: Sequence[str] | None = None, **kwargs: Any
 ) -> FeatureMap:
     """Build the feature map registered as `name` for `generator`, returning `keys` (default: its defaults).
 
+    `name` may join registered names with ``"+"`` (``"denoiser+vae_decoder"``): a :class:`CombinedFeatureMap`,
+    whose `kwargs` are given per map (``denoiser={"pool_size": 1}, vae_decoder={"patch_sizes": [4]}``) and whose
+    keys are ``"<map>/<key>"``.
+
     Raises:
-        ValueError: `name` is not registered, or a key is unknown to the map.
+        ValueError: a name is not registered, a key is unknown to its map, or a combination's keys or kwargs are not
+            laid out per map.
     """
+    if COMBINE in name:
+        parts = _split_combined(name, keys, kwargs)
+        return CombinedFeatureMap(
+            {part: build_feature_map(part, generator, keys=k, **kw) for part, (k, kw) in parts.items()}
+        )
     if name not in FEATURE_MAPS:
         raise ValueError(
-            f"Unknown feature map {name!r}. Available: {sorted(FEATURE_MAPS)}. Register a new one with "
-            "`@trl_drpo.features.register_feature_map(name)` on a FeatureMap subclass."
+            f"Unknown feature map {name!r}. Available: {sorted(FEATURE_MAPS)}, or several joined with '+'. Register "
+            "a new one with `@trl_drpo.features.register_feature_map(name)` on a FeatureMap subclass."
         )
     return FEATURE_MAPS[name].from_generator(generator, keys=keys, **kwargs)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 from ..generators import OneStepGenerator, PromptEmbeds
 from .base import (
     FeatureMap,
+    read_block_outputs,
     register_feature_map,
 )
 
@@ -36,10 +36,6 @@ def _without_gradient_checkpointing(module: nn.Module) -> Iterator[None]:
     finally:
         for m in flagged:
             m.gradient_checkpointing = True
-
-
-class _StopForward(Exception):
-    """Raised by the last needed hook so that the rest of the denoiser does not run."""
 
 
 @register_feature_map("denoiser")
@@ -85,11 +81,6 @@ class DenoiserFeatureMap(FeatureMap):
         self._noise_cache: dict[tuple, Tensor] = {}
         self._select_keys(keys)
         self._freeze()
-
-    @classmethod
-    def from_generator(cls, generator: OneStepGenerator, keys: Sequence[str] | None = None, **kwargs: Any):
-        """On `generator`'s base denoiser; kwargs `timestep`, `noise_scale`, `seed`, `pool_size`, `spatial_tokens`."""
-        return cls(generator, keys=keys, **kwargs)
 
     @property
     def available_keys(self) -> tuple[str, ...]:
@@ -138,29 +129,13 @@ class DenoiserFeatureMap(FeatureMap):
             embeds = embeds.repeat_interleave(latents.shape[0])
         if len(embeds) != latents.shape[0]:
             raise ValueError(f"{len(embeds)} prompt embeddings for {latents.shape[0]} latents.")
-        captured: dict[str, Tensor] = {}
-        last = max(self.keys, key=self._blocks.index)
-
-        def hook_for(name: str):
-            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-                captured[name] = generator.block_image_features(output)
-                if name == last:
-                    raise _StopForward
-
-            return hook
-
         with generator.adapter_disabled() as base:
             dtype = base.dtype
             x = latents.to(dtype=dtype)
             x = x + self.noise_scale * self._noise(x)
             kwargs = generator.denoiser_inputs(embeds.to(x.device), x, self.timestep)
-            handles = [base.get_submodule(name).register_forward_hook(hook_for(name)) for name in self.keys]
-            try:
-                with _without_gradient_checkpointing(base):
-                    base(return_dict=False, **kwargs)
-            except _StopForward:
-                pass
-            finally:
-                for handle in handles:
-                    handle.remove()
+            with _without_gradient_checkpointing(base):
+                captured = read_block_outputs(
+                    base, self.keys, lambda: base(return_dict=False, **kwargs), generator.block_image_features
+                )
         return {name: self._pool(captured[name]).to(torch.float32) for name in self.keys}

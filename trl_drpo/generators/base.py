@@ -444,7 +444,9 @@ class OneStepGenerator:
     def _needs_vae_upcast(self) -> bool:
         return False
 
-    def _decoding_vae(self) -> nn.Module:
+    def decoding_vae(self) -> nn.Module:
+        """The VAE that decodes: the pipeline's own, or a float32 copy where the family's half-precision VAE
+        overflows (the pipelines' `force_upcast`)."""
         if self._needs_vae_upcast():
             self._vae_fp32 = fp32_vae(self.vae, self._vae_fp32)
             return self._vae_fp32
@@ -473,11 +475,11 @@ class OneStepGenerator:
         pixels = self.pipeline.image_processor.preprocess(
             images, height=self.resolution, width=self.resolution, resize_mode="crop"
         )
-        latents = encode_pixels(self._decoding_vae(), pixels)
+        latents = encode_pixels(self.decoding_vae(), pixels)
         return self.pack_latents(latents).to(device=self.device, dtype=self.dtype)
 
     def _decode_chunk(self, latents: Tensor, watermark: bool) -> Tensor:
-        image = decode_pixels(self._decoding_vae(), self.unpack_latents(latents))
+        image = decode_pixels(self.decoding_vae(), self.unpack_latents(latents))
         marker = getattr(self.pipeline, "watermark", None)
         if watermark and marker is not None:
             image = marker.apply_watermark(image)
