@@ -13,7 +13,6 @@ from ..generators import OneStepGenerator, PromptEmbeds, map_rows
 
 logger = logging.getLogger(__name__)
 
-
 STD_EPS = 1e-6
 """Added to the variance before the square root in every `_std` key (as the authors do)."""
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..generators import OneStepGenerator, PromptEmbeds
-from ..generators.vae import unscale_latents
+from ..generators.vae import decoder_input
 from .base import FeatureMap, keep_computed, read_block_outputs, register_feature_map, spatial_stats, stat_keys
 
 
@@ -69,8 +69,7 @@ class VAEDecoderFeatureMap(FeatureMap):
         generator = self._generator
         vae = generator.decoding_vae()
         wanted = list(dict.fromkeys(self._block_of(key) for key in self.keys))
-        param = next(vae.parameters())
-        z = unscale_latents(vae, generator.unpack_latents(latents).to(device=param.device, dtype=param.dtype))
+        z = decoder_input(vae, generator.unpack_latents(latents))
         if getattr(vae, "post_quant_conv", None) is not None:
             z = vae.post_quant_conv(z)
         # The decoder itself rather than `vae.decode`, whose slicing or tiling (`enable_slicing()`) would run the

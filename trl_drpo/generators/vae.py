@@ -60,12 +60,17 @@ def fp32_vae(vae: nn.Module, fp32_copy: nn.Module | None) -> nn.Module:
     return fp32_copy
 
 
-def decode_pixels(vae: nn.Module, latents: Tensor) -> Tensor:
-    """The VAE's decode of denoiser-space latents `(B, C, h, w)` (unscaled first), in the VAE's device and dtype:
-    `(B, 3, H, W)` in [-1, 1], before the pipeline's post-processing. Keeps the graph when grad is enabled."""
+def decoder_input(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Denoiser-space latents `(B, C, h, w)` as the VAE decodes them: on its device, in its dtype, unscaled. Keeps
+    the graph when grad is enabled."""
     param = next(vae.parameters())
-    latents = latents.to(device=param.device, dtype=param.dtype)
-    return vae.decode(unscale_latents(vae, latents), return_dict=False)[0]
+    return unscale_latents(vae, latents.to(device=param.device, dtype=param.dtype))
+
+
+def decode_pixels(vae: nn.Module, latents: Tensor) -> Tensor:
+    """The VAE's decode of denoiser-space latents `(B, C, h, w)` (`decoder_input` first), in the VAE's device and
+    dtype: `(B, 3, H, W)` in [-1, 1], before the pipeline's post-processing. Keeps the graph when grad is enabled."""
+    return vae.decode(decoder_input(vae, latents), return_dict=False)[0]
 
 
 def encode_pixels(vae: nn.Module, pixels: Tensor) -> Tensor:
