@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from trl_drpo.generators import OneStepGenerator
-from trl_drpo.generators.vae import unscale_latents
+from trl_drpo.generators.vae import decode_pixels
 from trl_drpo.ranking import AnchorSelection, select_anchors
 from trl_drpo.ranking_decoder import RankingDecoder, load_tiny_vae
 from trl_drpo.worlds import digits
@@ -176,7 +176,7 @@ def distil_tiny_decoder(
     latents = base_latents(generator, train, per_prompt, seed=12345)
     with torch.no_grad():
         vae = generator.vae
-        targets = torch.cat([vae.decode(unscale_latents(vae, c)).sample for c in latents.split(512)])
+        targets = torch.cat([decode_pixels(vae, c) for c in latents.split(512)])
     log(f"distil: {len(latents)} latents and VAE decodes in {time.perf_counter() - start:.0f} s")
     torch.manual_seed(0)
     tiny = AutoencoderTiny(**TINY_DECODER)

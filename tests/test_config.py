@@ -116,6 +116,9 @@ def test_every_preset_builds(tmp_path):
         (dict(negative_weight=float("nan")), "negative_weight must be a finite number"),
         (dict(reference_loss_weight=-0.1), "reference_loss_weight must be >= 0"),
         (dict(feature_aggregation="max"), "feature_aggregation must be 'sum' or 'mean'"),
+        (dict(feature_weights={"mid_block": 0.0}), "feature_weights must map feature keys to finite numbers > 0"),
+        (dict(feature_weights={"mid_block": "half"}), "feature_weights must map feature keys to finite numbers"),
+        (dict(feature_weights="[0.5]"), "feature_weights must be a dict or a JSON object string"),
         (dict(candidate_chunk_size=0), "candidate_chunk_size must be None or >= 1"),
         (dict(resolution=500), "resolution must be a positive multiple of 8"),
         (dict(reward_weights=[1.0, -1.0]), "reward_weights must be finite and non-negative"),
@@ -132,6 +135,12 @@ def test_bad_values_are_rejected_with_a_message_naming_the_field(tmp_path, kwarg
 def test_mean_split_and_threshold_rules_do_not_need_disjoint_counts(tmp_path):
     make(tmp_path, anchor_selection="mean_split", num_generations=4)
     make(tmp_path, anchor_selection="threshold", num_generations=4)
+
+
+def test_feature_weights_accept_a_json_string_and_reach_the_objective(tmp_path):
+    config = make(tmp_path, feature_weights='{"vae_decoder/mid_block_mean_4": 0.5}')
+    assert config.feature_weights == {"vae_decoder/mid_block_mean_4": 0.5}
+    assert config.drift_hyperparams.key_weights == {"vae_decoder/mid_block_mean_4": 0.5}
 
 
 def test_feature_map_kwargs_accept_a_json_string_from_the_command_line(tmp_path):

@@ -401,6 +401,29 @@ def test_masking_anchor_copies_masks_every_token_of_each_anchor_candidate():
     assert (unmasked[0].terms["a"][0][1].goal - expected.goal).abs().max() > 1e-3
 
 
+def test_an_anchor_copied_from_an_extra_candidate_has_no_candidate_copy_to_mask():
+    from trl_drpo.ranking import AnchorSelection
+
+    draw = torch.Generator().manual_seed(22)
+    features, extra = {"a": torch.randn(1, 5, 3, 4, generator=draw)}, {"a": torch.randn(1, 2, 3, 4, generator=draw)}
+    selection = AnchorSelection(torch.tensor([1, 6]), torch.tensor([0]))  # 6: the second extra candidate
+    params = DriftHyperparams(reference_loss_weight=0.0, mask_anchor_copies=True)
+    (target,) = drpo_targets_from_anchors(features, None, [selection], params, extra)
+    particles = features["a"].reshape(1, 15, 4)
+    tokens = torch.arange(3)
+    expected = drift_field(
+        particles,
+        torch.cat([particles[:, 1 * 3 + tokens], extra["a"][:, 1]], dim=1),
+        particles[:, 0 * 3 + tokens],
+        positive_weight=params.positive_weight,
+        negative_weight=params.negative_weight,
+        radii=params.preference_radii,
+        positive_sources=torch.cat([1 * 3 + tokens, torch.full((3,), -1)]),
+        negative_sources=tokens,
+    )
+    torch.testing.assert_close(target.terms["a"][0][1].goal, expected.goal)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels and anchor weights
 # ---------------------------------------------------------------------------------------------------------------
@@ -632,6 +655,14 @@ def grads(loss: torch.Tensor, params: dict[str, torch.Tensor]) -> list[torch.Ten
     return list(torch.autograd.grad(loss.sum(), list(params.values()), retain_graph=True))
 
 
+def assert_same_loss_and_gradients(
+    loss: torch.Tensor, expected: torch.Tensor, params: dict[str, torch.Tensor]
+) -> None:
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(grads(loss, params), grads(expected, params)):
+        torch.testing.assert_close(got, want)
+
+
 def per_key_terms(features, ref, pos, neg, params: DriftHyperparams):
     """L_pref,k and L_ref,k computed with `drift_loss` directly (sections 2.4 and 2.5)."""
     pref, refs = [], []
@@ -679,9 +710,7 @@ def test_drpo_loss_aggregates_feature_keys_then_adds_lambda_times_the_reference_
     pref, refs = per_key_terms(features, ref, pos, neg, hp)
     agg = sum if aggregation == "sum" else (lambda terms: sum(terms) / len(terms))
     expected = agg(pref) + 0.25 * agg(refs)
-    torch.testing.assert_close(loss, expected)
-    for got, want in zip(grads(loss, params), grads(expected, params)):
-        torch.testing.assert_close(got, want)
+    assert_same_loss_and_gradients(loss, expected, params)
 
 
 def test_mean_aggregation_is_the_sum_divided_by_the_number_of_keys():
@@ -691,6 +720,43 @@ def test_mean_aggregation_is_the_sum_divided_by_the_number_of_keys():
     summed, _ = drpo_loss(features, pos, neg, ref, DriftHyperparams(aggregation="sum"))
     mean, _ = drpo_loss(features, pos, neg, ref, DriftHyperparams(aggregation="mean"))
     torch.testing.assert_close(mean, summed / len(KEYS))
+
+
+def test_a_feature_key_weight_scales_that_keys_terms_only():
+    params, noise, ref = toy_problem(seed=34)
+    hp = DriftHyperparams(reference_loss_weight=0.25)
+    weighted_hp = DriftHyperparams(reference_loss_weight=0.25, key_weights={"patches": 0.3})
+    features = toy_features(params, noise)
+    pos, neg = anchors(features)
+    loss, _ = drpo_loss(features, pos, neg, ref, weighted_hp)
+    pref, refs = per_key_terms(features, ref, pos, neg, hp)
+    key_weight = [1.0 if key == "mean" else 0.3 for key in KEYS]
+    expected = sum(w * (p + 0.25 * r) for w, p, r in zip(key_weight, pref, refs))
+    assert_same_loss_and_gradients(loss, expected, params)
+
+
+def test_key_weights_apply_on_top_of_mean_aggregation():
+    params, noise, ref = toy_problem(seed=35)
+    features = toy_features(params, noise)
+    pos, neg = anchors(features)
+    weights = {"mean": 2.0, "patches": 2.0}
+    summed, _ = drpo_loss(features, pos, neg, ref, DriftHyperparams(key_weights=weights))
+    mean, _ = drpo_loss(features, pos, neg, ref, DriftHyperparams(aggregation="mean", key_weights=weights))
+    torch.testing.assert_close(mean, summed / len(KEYS))
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("inf"), float("nan")])
+def test_key_weights_must_be_finite_and_positive(weight):
+    with pytest.raises(ValueError, match="finite and > 0 \\(leave a key out to drop it\\)"):
+        DriftHyperparams(key_weights={"mean": weight})
+
+
+def test_a_key_weight_for_a_key_the_features_lack_is_an_error():
+    params, noise, ref = toy_problem(seed=36)
+    features = toy_features(params, noise)
+    pos, neg = anchors(features)
+    with pytest.raises(KeyError, match="keys the features do not have: \\['pixels'\\]"):
+        drpo_loss(features, pos, neg, ref, DriftHyperparams(key_weights={"pixels": 0.5}))
 
 
 def test_the_gradient_is_linear_in_lambda():

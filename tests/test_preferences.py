@@ -88,6 +88,12 @@ def test_a_preference_dataset_with_a_reward_is_refused(tmp_path):
         DrPOTrainer(tiny_sd_pipeline(), mean_brightness, tiny_drpo_config(tmp_path), train_dataset=pil_dataset())
 
 
+def test_extra_anchor_candidates_are_refused_offline(tmp_path):
+    config = tiny_drpo_config(tmp_path, num_anchor_generations=2)
+    with pytest.raises(ValueError, match="offline DrPO.*set num_anchor_generations=0"):
+        DrPOTrainer(tiny_sd_pipeline(), None, config, train_dataset=pil_dataset())
+
+
 def own_samples(pipe, prompt: str) -> tuple[Image.Image, Image.Image]:
     """Two images of `pipe` itself (the way a preference set of a model's own samples is made)."""
     draws = [torch.Generator().manual_seed(seed) for seed in (1, 2)]

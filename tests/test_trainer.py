@@ -79,6 +79,12 @@ def test_a_combined_feature_map_trains_with_its_kwargs_given_per_map_and_leaves_
     assert all(torch.equal(p.detach(), vae[n]) for n, p in pipe.vae.named_parameters())
 
 
+def test_feature_weights_naming_a_key_the_feature_map_lacks_are_rejected_when_the_trainer_is_built(tmp_path):
+    config = small_config(tmp_path, feature_weights={"vae_decoder/mid_block_mean_4": 0.5})
+    with pytest.raises(ValueError, match=r"\['vae_decoder/mid_block_mean_4'\], which are not keys of feature_map="):
+        DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+
+
 def test_chunked_gradient_equals_one_graph_gradient(tmp_path):
     def gradients(chunk):
         torch.manual_seed(0)
@@ -270,6 +276,58 @@ def test_rewards_receive_extra_dataset_columns_when_they_accept_them(tmp_path):
     assert len(seen) == 2 * 4 and set(seen) <= {"red", "blue", "green", "yellow"}
 
 
+def test_extra_anchor_candidates_are_scored_with_the_prompts_columns(tmp_path):
+    seen = []
+
+    def reward_with_column(images, prompts, colour):
+        seen.extend(colour)
+        return [1.0 if c == "red" else 0.0 for c in colour]
+
+    dataset = Dataset.from_dict({"prompt": PROMPTS[:2], "colour": ["red", "blue"]})
+    config = small_config(tmp_path, max_steps=1, num_anchor_generations=3)
+    DrPOTrainer(tiny_sd_pipeline(), reward_with_column, config, train_dataset=dataset).train()
+    assert sorted(seen) == ["blue"] * 7 + ["red"] * 7  # K=4 and 3 extra candidates of each prompt
+
+
+def _rollout_with_extra(tmp_path, extra: int, scorer):
+    from trl_drpo import step as drpo_step
+
+    config = small_config(tmp_path, num_anchor_generations=extra, num_positives=2, num_negatives=1)
+    trainer = DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
+    settings = trainer.step_settings
+    noise = torch.Generator().manual_seed(0)
+    rollout = drpo_step.rollout(
+        trainer.generator, trainer.generator.denoiser, trainer.feature_map, scorer, PROMPTS[:2], settings, None, noise
+    )
+    return trainer, settings, rollout
+
+
+def _extra_candidates_win(images, prompts):
+    # Raw scores rising with the index inside each prompt's group: its last (extra) candidates rank first.
+    per_prompt = len(prompts) // 2
+    ranking = torch.arange(per_prompt, dtype=torch.float32).repeat(2)
+    return ranking[None], ranking.view(2, per_prompt)
+
+
+def test_extra_anchor_candidates_can_be_the_positives_while_only_the_k_candidates_are_trained(tmp_path):
+    from trl_drpo import step as drpo_step
+
+    trainer, settings, rollout = _rollout_with_extra(tmp_path, 3, _extra_candidates_win)
+    assert rollout.images.shape[0] == 2 * (4 + 3) and rollout.latents.shape[0] == 2 * 4
+    assert [sorted(s.positives.tolist()) for s in rollout.selections] == [[5, 6], [5, 6]]
+    assert [s.negatives.tolist() for s in rollout.selections] == [[0], [0]]
+    drpo_step.gradient_pass(trainer.generator, trainer.generator.denoiser, trainer.feature_map, rollout, settings)
+    grads = [p.grad for name, p in trainer.generator.denoiser.named_parameters() if "lora_B" in name]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_extra_anchor_candidates_leave_the_trained_candidates_noise_unchanged(tmp_path):
+    _, _, without = _rollout_with_extra(tmp_path, 0, _extra_candidates_win)
+    _, _, with_extra = _rollout_with_extra(tmp_path, 3, _extra_candidates_win)
+    assert torch.equal(without.noise, with_extra.noise)
+    torch.testing.assert_close(with_extra.images[:4], without.images[:4])
+
+
 def test_async_rewards_are_awaited(tmp_path):
     async def async_brightness(images, prompts):
         return mean_brightness(images, prompts)
@@ -355,7 +413,10 @@ def test_prompt_column_can_be_renamed(tmp_path):
 
 
 def test_too_many_anchors_for_k_is_a_config_error(tmp_path):
-    with pytest.raises(ValueError, match=r"num_positives \+ num_negatives \(3 \+ 2\) exceeds num_generations \(4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_positives \+ num_negatives \(3 \+ 2\) exceeds num_generations \+ num_anchor_generations \(4\)",
+    ):
         small_config(tmp_path, num_positives=3, num_negatives=2)
 
 

@@ -171,6 +171,13 @@ class DrPOConfig(TrainingArguments):
             the random draw from the passing pool under `"threshold"`).
         num_negatives (`int`, *optional*, defaults to `8`):
             Negative anchors per prompt, likewise.
+        num_anchor_generations (`int`, *optional*, defaults to `0`):
+            Extra candidates per prompt, generated without gradient from their own noise, scored and ranked with the
+            K and eligible as anchors, but never trained: the anchors come from a larger pool at the cost of E more
+            no-gradient generations, decodes, reward calls and feature passes per prompt, and no more backward. The
+            authors' GenEval mode draws extra no-gradient rounds like this until both pools are large enough
+            (docs/method.md §8). `0` ranks the K candidates alone, as the paper's other recipes do. Not for offline
+            DrPO, whose anchors are the dataset's.
         anchor_selection (`str`, *optional*, defaults to `"topk"`):
             Rule that turns rewards into anchors: `"topk"` (top / bottom k), `"mean_split"` (above / below the
             prompt's mean, equal anchor weights: not the authors' advantage-weighted "advsign" variant, see
@@ -249,6 +256,12 @@ class DrPOConfig(TrainingArguments):
             combination, one dict per map (`{"denoiser": {"pool_size": 1}, "vae_decoder": {}}`).
         feature_aggregation (`str`, *optional*, defaults to `"sum"`):
             How the per-key losses combine: `"sum"` (SD-Turbo recipe) or `"mean"` (SDXL recipe).
+        feature_weights (`dict` or `None`, *optional*, defaults to `None`):
+            Loss weight of each feature key, applied on top of `feature_aggregation` (key -> finite number > 0;
+            a key not named weighs 1, `None` weighs every key 1 as the paper does). Each key's field has unit RMS,
+            so a weight sets the key's share of the update, e.g. `{"vae_decoder/mid_block_mean_4": 0.5,
+            "vae_decoder/mid_block_std_4": 0.5}` beside the denoiser's keys. A name that is not one of the feature
+            map's keys raises a `ValueError` when the trainer builds the map.
 
         > Parameters that control the adapter
 
@@ -300,7 +313,11 @@ class DrPOConfig(TrainingArguments):
             `0` disables it.
     """
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["feature_map_kwargs", "pipeline_call_kwargs"]
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + [
+        "feature_map_kwargs",
+        "feature_weights",
+        "pipeline_call_kwargs",
+    ]
 
     # Paper defaults that differ from TrainingArguments'.
     learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate for AdamW."})
@@ -346,6 +363,10 @@ class DrPOConfig(TrainingArguments):
 
     num_positives: int = field(default=8, metadata={"help": "Positive anchors per prompt."})
     num_negatives: int = field(default=8, metadata={"help": "Negative anchors per prompt."})
+    num_anchor_generations: int = field(
+        default=0,
+        metadata={"help": "Extra no-gradient candidates per prompt, ranked with the K as anchors, not trained."},
+    )
     anchor_selection: str = field(default="topk", metadata={"help": "Anchor rule.", "choices": list(SELECTION_RULES)})
     selection_threshold: float = field(default=0.5, metadata={"help": "Pass mark of the 'threshold' rule."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
@@ -392,6 +413,10 @@ class DrPOConfig(TrainingArguments):
         default=None, metadata={"help": "Keyword arguments of the feature map (a dict or a JSON string)."}
     )
     feature_aggregation: str = field(default="sum", metadata={"help": "Per-key loss aggregation: sum or mean."})
+    feature_weights: dict | str | None = field(
+        default=None,
+        metadata={"help": "Loss weight per feature key (a dict or a JSON string; keys not named weigh 1)."},
+    )
 
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (else the full denoiser)."})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -432,11 +457,14 @@ class DrPOConfig(TrainingArguments):
             fail(f"token_matching must be one of {TOKEN_MATCHING}, got {self.token_matching!r}.")
         if self.num_positives < 1 or self.num_negatives < 0:
             fail("num_positives must be >= 1 and num_negatives >= 0.")
-        if self.anchor_selection == "topk" and self.num_positives + self.num_negatives > self.num_generations:
+        if self.num_anchor_generations < 0:
+            fail(f"num_anchor_generations must be >= 0, got {self.num_anchor_generations}.")
+        ranked = self.num_generations + self.num_anchor_generations
+        if self.anchor_selection == "topk" and self.num_positives + self.num_negatives > ranked:
             fail(
                 f"num_positives + num_negatives ({self.num_positives} + {self.num_negatives}) exceeds "
-                f"num_generations ({self.num_generations}); anchors are disjoint candidates. Lower the anchor "
-                "counts or raise num_generations."
+                f"num_generations + num_anchor_generations ({ranked}); anchors are disjoint candidates. Lower the "
+                "anchor counts or raise num_generations."
             )
         for name in ("positive_weight", "negative_weight", "reference_weight", "reference_negative_weight"):
             value = getattr(self, name)
@@ -479,7 +507,7 @@ class DrPOConfig(TrainingArguments):
             check_ranking_vae_source(self.ranking_vae)
         if self.per_device_train_batch_size < 1:
             fail("per_device_train_batch_size (prompts per micro-batch) must be >= 1.")
-        for name in ("feature_map_kwargs", "pipeline_call_kwargs"):
+        for name in ("feature_map_kwargs", "feature_weights", "pipeline_call_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str):
                 import json
@@ -490,6 +518,15 @@ class DrPOConfig(TrainingArguments):
                     fail(f"{name} must be a dict or a JSON object string, got {value!r} ({err}).")
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 fail(f"{name} must be a dict or a JSON object string, got {type(getattr(self, name)).__name__}.")
+
+        weights = self.feature_weights or {}
+        bad = {k: w for k, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float))}
+        bad |= {k: w for k, w in weights.items() if k not in bad and not (math.isfinite(w) and w > 0)}
+        if bad:
+            fail(
+                "feature_weights must map feature keys to finite numbers > 0 (a key left out weighs 1; to drop a "
+                f"key, leave it out of feature_keys), got {bad}."
+            )
 
     def check_feature_map(self) -> None:
         """Raise a `ValueError` naming the fix when the feature map needs weights that `feature_map_kwargs` does not
@@ -544,7 +581,7 @@ class DrPOConfig(TrainingArguments):
     @property
     def drift_hyperparams(self) -> DriftHyperparams:
         """The numbers of the DrPO objective as the pure-math module takes them."""
-        return self._settings(DriftHyperparams, aggregation=self.feature_aggregation)
+        return self._settings(DriftHyperparams, aggregation=self.feature_aggregation, key_weights=self.feature_weights)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DrPOConfig:

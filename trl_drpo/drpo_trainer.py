@@ -134,6 +134,11 @@ class DrPOTrainer(Trainer):
                 "A preference dataset (chosen/rejected columns) with a reward: mixing online and offline DrPO is not "
                 "supported. Pass reward_funcs=None to train offline on the pairs, or a prompt dataset to train online."
             )
+        if self.offline and args.num_anchor_generations:
+            raise ValueError(
+                "num_anchor_generations ranks extra candidates with the reward, and offline DrPO (reward_funcs=None) "
+                "takes its anchors from the dataset's pairs: set num_anchor_generations=0 or pass a reward."
+            )
         self.reward_funcs = None
         if self.offline:
             train_dataset = load_preference_dataset(
@@ -217,6 +222,12 @@ class DrPOTrainer(Trainer):
             args.feature_map, self.generator, keys=args.feature_keys, **(args.feature_map_kwargs or {})
         )
         self.feature_map.to(self.accelerator.device)
+        unknown = sorted(set(args.feature_weights or {}) - set(self.feature_map.keys))
+        if unknown:
+            raise ValueError(
+                f"feature_weights names {unknown}, which are not keys of feature_map={args.feature_map!r}: weigh "
+                f"some of its keys {list(self.feature_map.keys)} (or choose others with feature_keys)."
+            )
         # What the rewards rank: the pipeline's VAE, or a tiny one (checked against the pipeline's VAE now), at full
         # size or resized. Evaluation, logged images and samples always use the full decode.
         self.ranking_decoder = RankingDecoder.from_config(
@@ -287,8 +298,9 @@ class DrPOTrainer(Trainer):
         start = time.perf_counter()
 
         def scorer(images: torch.Tensor, repeated: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-            repeated_columns = {c: [v for v in values for _ in range(k)] for c, values in columns.items()}
-            scores = self.reward_funcs(images, repeated, repeated_columns)  # (rewards, B*K)
+            per_prompt = len(repeated) // len(prompts)  # K, plus any extra anchor candidates
+            repeated_columns = {c: [v for v in values for _ in range(per_prompt)] for c, values in columns.items()}
+            scores = self.reward_funcs(images, repeated, repeated_columns)  # (rewards, B*(K+E))
             return scores, self.reward_funcs.ranking(scores, len(prompts), raw=args.anchor_selection == "threshold")
 
         @contextmanager

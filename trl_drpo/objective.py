@@ -7,6 +7,7 @@ them, over candidate chunks if need be (docs/method.md §4) with the same gradie
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,12 @@ from .drift import DriftTarget, canonical_kernel, drift_field
 
 @dataclass
 class DriftHyperparams:
-    """The numbers of the DrPO objective; `DrPOConfig` builds one. Defaults: the paper's SD-Turbo recipe."""
+    """The numbers of the DrPO objective; `DrPOConfig` builds one. Defaults: the paper's SD-Turbo recipe.
+
+    ``key_weights`` maps feature keys to loss weights (> 0; a key not named weighs 1), applied on top of
+    ``aggregation`` (docs/method.md §2): each key's field has unit RMS per radius, so the weight is the key's share
+    of the update's direction.
+    """
 
     positive_weight: float = 3000.0
     negative_weight: float = 3000.0
@@ -29,6 +35,7 @@ class DriftHyperparams:
     reference_radii: Sequence[float] = (0.02, 0.05, 0.2)
     kernel: str = "laplacian"
     aggregation: str = "sum"
+    key_weights: Mapping[str, float] | None = None
     drift_step: float = 1.0
     mask_anchor_copies: bool = False
     mask_reference_pairs: bool = False
@@ -42,6 +49,10 @@ class DriftHyperparams:
             raise ValueError(f"`token_matching` must be one of {TOKEN_MATCHING}, got {self.token_matching!r}.")
         if self.aggregation not in ("sum", "mean"):
             raise ValueError(f"Feature-key aggregation must be 'sum' or 'mean', got {self.aggregation!r}.")
+        self.key_weights = dict(self.key_weights or {})
+        bad = {k: w for k, w in self.key_weights.items() if not (math.isfinite(float(w)) and float(w) > 0)}
+        if bad:
+            raise ValueError(f"Feature-key weights must be finite and > 0 (leave a key out to drop it), got {bad}.")
         if self.reference_loss_weight < 0:
             raise ValueError("The reference loss weight (lambda) must be >= 0.")
 
@@ -85,7 +96,7 @@ class DrPOTargets:
     """Detached DrPO targets for every feature key, computed once per step without gradient.
 
     ``terms[key]`` holds ``(weight, DriftTarget)`` pairs: the preference term and, when lambda > 0, the reference
-    term, with the key-aggregation factor folded into the weights.
+    term, with the key-aggregation factor and the key's weight folded into the weights.
     """
 
     terms: dict[str, list[tuple[float, DriftTarget]]]
@@ -142,7 +153,8 @@ def drpo_targets(
             or None when ``params.reference_loss_weight == 0``.
         params: the objective's numbers.
         anchor_sources: ``(positives, negatives)`` index tensors ``(P,)`` and ``(M,)``: the candidate each anchor
-            is a copy of. With ``params.mask_anchor_copies`` each candidate's own copy is masked (see `drift_field`).
+            is a copy of, -1 for none. With ``params.mask_anchor_copies`` each candidate's own copy is masked (see
+            `drift_field`).
 
     Returns:
         `DrPOTargets`; its ``metrics`` hold per-row diagnostics averaged over keys (``feature_scale``,
@@ -161,7 +173,10 @@ def drpo_targets(
         missing = set(keys) - set(feats)
         if missing:
             raise KeyError(f"{name} features are missing keys {sorted(missing)}.")
-    key_factor = 1.0 if params.aggregation == "sum" else 1.0 / len(keys)
+    unknown = set(params.key_weights) - set(keys)
+    if unknown:
+        raise KeyError(f"Feature-key weights name keys the features do not have: {sorted(unknown)} (keys: {keys}).")
+    aggregation_factor = 1.0 if params.aggregation == "sum" else 1.0 / len(keys)
 
     terms: dict[str, list[tuple[float, DriftTarget]]] = {}
     tokens: dict[str, int] = {}
@@ -174,6 +189,7 @@ def drpo_targets(
 
     num_candidates = None
     for key in keys:
+        key_factor = aggregation_factor * float(params.key_weights.get(key, 1.0))
         gen = generated[key].detach()
         if gen.ndim != 4:
             raise ValueError(f"Feature {key!r} must be (batch, samples, tokens, dim), got {tuple(gen.shape)}.")
@@ -187,7 +203,8 @@ def drpo_targets(
                 if matching == "positional":  # each set holds one token of every sample: c's copy is particle c
                     sources[name] = index
                 else:  # anchor token t of candidate c is a copy of generated particle c * T + t
-                    sources[name] = (index[:, None] * tokens[key] + torch.arange(tokens[key])).flatten()
+                    particles = index[:, None] * tokens[key] + torch.arange(tokens[key])
+                    sources[name] = torch.where(index[:, None] >= 0, particles, -1).flatten()
         pref = drift_field(
             gen_set,
             as_feature_set(positives[key], matching),
@@ -246,6 +263,7 @@ def drpo_targets_from_anchors(
     reference: Mapping[str, torch.Tensor] | None,
     anchors: Sequence[Any],
     params: DriftHyperparams,
+    extra: Mapping[str, torch.Tensor] | None = None,
 ) -> list[DrPOTargets | None]:
     """`drpo_targets` for each prompt, with anchors that are detached copies of its own candidates (docs/method.md §3).
 
@@ -253,8 +271,11 @@ def drpo_targets_from_anchors(
         generated: key -> ``(B, K, T, D)`` features of every prompt's candidates.
         reference: key -> ``(B, K, T, D)`` reference features, or None without the reference term.
         anchors: one entry per prompt: an object with ``positives`` and ``negatives`` index tensors into its K
-            candidates (`trl_drpo.ranking.AnchorSelection`), or None to skip the prompt (its entry stays None).
+            candidates, then its E extra ones (`trl_drpo.ranking.AnchorSelection`), or None to skip the prompt (its
+            entry stays None).
         params: the objective's numbers.
+        extra: key -> ``(B, E, T, D)`` features of extra anchor candidates (ranked with the K, not trained), or None.
+            An anchor copied from one of them has no candidate of its own to mask.
     """
     targets: list[DrPOTargets | None] = []
     for b, selection in enumerate(anchors):
@@ -262,14 +283,19 @@ def drpo_targets_from_anchors(
             targets.append(None)
             continue
         row = _prompt_row(generated, b)
+        pool = row if extra is None else {k: torch.cat([v, extra[k][b : b + 1]], dim=1) for k, v in row.items()}
+        num_candidates = next(iter(row.values())).shape[1]
+        sources = [
+            torch.where(index < num_candidates, index, -1) for index in (selection.positives, selection.negatives)
+        ]
         targets.append(
             drpo_targets(
                 row,
-                {key: value[:, selection.positives] for key, value in row.items()},
-                {key: value[:, selection.negatives] for key, value in row.items()},
+                {key: value[:, selection.positives] for key, value in pool.items()},
+                {key: value[:, selection.negatives] for key, value in pool.items()},
                 _prompt_row(reference, b) if reference else None,
                 params,
-                anchor_sources=(selection.positives, selection.negatives),
+                anchor_sources=(sources[0], sources[1]),
             )
         )
     return targets

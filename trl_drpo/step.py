@@ -3,8 +3,8 @@
 The step has two phases (docs/method.md §4):
 
 - `rollout`, without gradient: K candidates per prompt from the same noise as their reference twins (when the
-  reference weight is above 0), decoded, scored by the rewards (used only to rank), anchors selected, features taken,
-  and the drift-field targets computed;
+  reference weight is above 0), and any extra anchor candidates, decoded, scored by the rewards (used only to rank),
+  anchors selected, features taken, and the drift-field targets computed;
 - `gradient_pass`: the candidates' features are regressed onto those targets and back-propagated, either on the
   rollout's own graph (one graph over all K) or by regenerating the candidates chunk by chunk with gradient.
 
@@ -51,11 +51,13 @@ TIMING_PHASES = {
     "generation/text": "rollout",
     "generation/rollout": "rollout",
     "generation/reference": "rollout",
+    "generation/anchor_candidates": "rollout",
     "decode": "rollout",
     "reward": "reward",
     "features/rollout": "field",
     "features/reference": "field",
     "features/anchors": "field",
+    "features/anchor_candidates": "field",
     "field": "field",
     "generation/regenerate": "backward",
     "features/regenerate": "backward",
@@ -72,6 +74,8 @@ class StepSettings:
     Attributes:
         num_generations: K, candidates per prompt.
         num_positives, num_negatives: anchors per prompt.
+        num_anchor_generations: extra candidates per prompt generated without gradient, ranked with the K and
+            eligible as anchors, never trained (docs/method.md §8).
         anchor_selection: `trl_drpo.ranking.SELECTION_RULES` name; `selection_threshold` is the pass mark of
             ``"threshold"``.
         candidate_chunk_size: candidates per prompt in one graph; None means all K (one graph, reused by the
@@ -85,6 +89,7 @@ class StepSettings:
     num_generations: int = 24
     num_positives: int = 8
     num_negatives: int = 8
+    num_anchor_generations: int = 0
     anchor_selection: str = "topk"
     selection_threshold: float = 0.5
     candidate_chunk_size: int | None = None
@@ -121,8 +126,9 @@ class StepHooks:
 
     Attributes:
         meter: `meter(name)` is a context around each component (``generation/text``, ``generation/rollout``,
-            ``generation/reference``, ``decode``, ``reward``, ``features/rollout``, ``features/reference``,
-            ``features/anchors`` (offline), ``field``, ``generation/regenerate``, ``features/regenerate``,
+            ``generation/reference``, ``generation/anchor_candidates``, ``decode``, ``reward``,
+            ``features/rollout``, ``features/reference``, ``features/anchors`` (offline),
+            ``features/anchor_candidates``, ``field``, ``generation/regenerate``, ``features/regenerate``,
             ``backward``), for timings and FLOPs.
         autocast: a context around every forward of a trained module (the trainer's mixed-precision context).
         backward: back-propagates a loss (`accelerator.backward` in the trainer).
@@ -148,10 +154,12 @@ class Rollout:
         embeds: prompt embeddings repeated K times (B*K rows, prompt-major).
         noise: `(B*K, C, h, w)` noise the candidates were generated from.
         targets: one `DrPOTargets` per prompt (None where skipped).
-        images: `(B*K, 3, H, W)` candidates in [0, 1] as the rewards saw them (the ranking decode), float, no
-            gradient.
-        scores: `(num_rewards, B*K)` raw reward scores (CPU float).
-        selections: one `AnchorSelection` per prompt, or None where the prompt gives no preference.
+        images: `(B*(K+E), 3, H, W)` candidates in [0, 1] as the rewards saw them (the ranking decode), float, no
+            gradient; per prompt its K trained candidates, then its E extra anchor candidates
+            (`StepSettings.num_anchor_generations`).
+        scores: `(num_rewards, B*(K+E))` raw reward scores (CPU float), in the order of `images`.
+        selections: one `AnchorSelection` per prompt, indices into its K+E ranked candidates, or None where the
+            prompt gives no preference.
         latents: the candidates' latents; with their graph in one-graph mode.
         graph_features: in one-graph mode the candidates' features with their graph, else None.
         call_seed: seeds the generator of every pipeline call of the step (see `call_generator`), so that the
@@ -253,6 +261,11 @@ def rollout(
             embeds = prompt_embeds.repeat_interleave(k)
         noise = generator.make_noise(num_prompts * k, noise_generator)
         seed = None if noise_generator is None else int(torch.randint(2**62, (), generator=noise_generator))
+        # Drawn after the candidates' noise and the call seed, so that a step without extra candidates is unchanged.
+        extra = settings.num_anchor_generations if preference_latents is None else 0
+        if extra:
+            extra_embeds = prompt_embeds.repeat_interleave(extra)
+            extra_noise = generator.make_noise(num_prompts * extra, noise_generator)
     with hooks.autocast():
         with hooks.meter("generation/rollout"):
             if one_graph:
@@ -268,16 +281,27 @@ def rollout(
                 reference = map_rows(
                     lambda r: generator.reference(embeds.select(r), noise[r], call_generator(seed)), len(noise), rows
                 )
+        if extra:
+            with hooks.meter("generation/anchor_candidates"), torch.no_grad():
+                extra_latents = map_rows(
+                    lambda r: generator.sample(extra_embeds.select(r), extra_noise[r], call_generator(seed)),
+                    len(extra_noise),
+                    rows,
+                )
     images = scores = None
     selections: list[AnchorSelection | None] = []
     if preference_latents is None:
         with torch.no_grad():
+            ranked = latents.detach()
+            if extra:  # per prompt: its K candidates, then its extra ones
+                per_prompt = (ranked.unflatten(0, (num_prompts, k)), extra_latents.unflatten(0, (num_prompts, extra)))
+                ranked = torch.cat(per_prompt, dim=1).flatten(0, 1)
             with hooks.meter("decode"):
                 decode = decoder or RankingDecoder(generator)
-                images = decode(latents.detach(), settings.decode_chunk_size or rows)
+                images = decode(ranked, settings.decode_chunk_size or rows)
             with hooks.meter("reward"):
-                scores, ranking = scorer(images, [p for p in prompts for _ in range(k)])
-                ranking = hooks.materialize(ranking).view(num_prompts, k)
+                scores, ranking = scorer(images, [p for p in prompts for _ in range(k + extra)])
+                ranking = hooks.materialize(ranking).view(num_prompts, k + extra)
                 selections = select_anchors(
                     ranking,
                     settings.anchor_selection,
@@ -293,6 +317,10 @@ def rollout(
         if reference is not None:
             with hooks.meter("features/reference"), torch.no_grad():
                 ref_features = feature_map.per_prompt(reference, embeds, num_prompts, rows)
+        extra_features = None
+        if extra:
+            with hooks.meter("features/anchor_candidates"), torch.no_grad():
+                extra_features = feature_map.per_prompt(extra_latents, extra_embeds, num_prompts, rows)
         anchors = None
         if preference_latents is not None:
             with hooks.meter("features/anchors"), torch.no_grad():
@@ -309,7 +337,9 @@ def rollout(
         if ref_features is not None:
             ref_features = {key: hooks.materialize(value) for key, value in ref_features.items()}
         if anchors is None:
-            targets = drpo_targets_from_anchors(features, ref_features, selections, settings.drift)
+            if extra_features is not None:
+                extra_features = {key: hooks.materialize(value) for key, value in extra_features.items()}
+            targets = drpo_targets_from_anchors(features, ref_features, selections, settings.drift, extra_features)
         else:
             targets = drpo_targets_per_prompt(features, anchors[0], anchors[1], ref_features, settings.drift)
         if latents.device != next(iter(features.values())).device:
