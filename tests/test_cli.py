@@ -179,6 +179,16 @@ def test_evaluate_without_an_adapter_reports_the_base_only(tmp_path):
     assert "base" in results and "tuned" not in results and results["num_images"] == 1
 
 
+def test_an_offline_run_with_extra_anchor_candidates_fails_before_the_pipeline_loads(tmp_path, monkeypatch):
+    from trl_drpo import cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *args, **kwargs: pytest.fail("the pipeline was loaded first"))
+    argv = ["train", "--config", os.path.join(REPO, "examples", "configs", "tiny_cpu.yaml"), "--reward_funcs", "none"]
+    argv += ["--num_anchor_generations", "2", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="set num_anchor_generations=0 or pass a reward"):
+        main(argv)
+
+
 def test_evaluate_loads_its_rewards_before_the_pipeline(tmp_path, monkeypatch):
     from trl_drpo import cli
 

@@ -99,6 +99,19 @@ def test_card_lists_the_key_hyperparameters(tmp_path):
         assert row in text, row
 
 
+def test_card_shows_dict_hyperparameters_as_the_json_a_flag_takes(tmp_path):
+    args = config(tmp_path, feature_weights={"mid_block": 0.5})
+    assert '| feature_weights | `{"mid_block": 0.5}` |' in str(render(tmp_path, args=args))
+
+
+def test_card_describes_extra_anchor_candidates_only_when_the_run_drew_them(tmp_path):
+    assert "without gradient" not in str(render(tmp_path))
+    text = " ".join(str(render(tmp_path, args=config(tmp_path, num_anchor_generations=8))).split())
+    assert (
+        "candidates per prompt from independent noise and 8 more without gradient (`num_anchor_generations`)" in text
+    )
+
+
 def test_card_names_the_ema_decay_only_when_the_saved_weights_are_a_moving_average(tmp_path):
     assert "ema_decay" not in str(render(tmp_path)) and "moving average" not in str(render(tmp_path))
     averaged = config(tmp_path, hub_model_id="alice/sd-turbo-drpo", use_ema=True, ema_decay=0.995)

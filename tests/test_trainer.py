@@ -81,7 +81,9 @@ def test_a_combined_feature_map_trains_with_its_kwargs_given_per_map_and_leaves_
 
 def test_feature_weights_naming_a_key_the_feature_map_lacks_are_rejected_when_the_trainer_is_built(tmp_path):
     config = small_config(tmp_path, feature_weights={"vae_decoder/mid_block_mean_4": 0.5})
-    with pytest.raises(ValueError, match=r"\['vae_decoder/mid_block_mean_4'\], which are not keys of feature_map="):
+    with pytest.raises(
+        ValueError, match=r"\['vae_decoder/mid_block_mean_4'\], which are not among the feature keys in use"
+    ):
         DrPOTrainer(tiny_sd_pipeline(), mean_brightness, config, train_dataset=PROMPTS)
 
 

@@ -167,6 +167,10 @@ def train(script_args: TrainScriptArguments, config: DrPOConfig) -> DrPOTrainer:
     from .rewards import load_rewards
 
     config.check_feature_map()  # before the pipeline downloads
+    # Offline DrPO (docs/method.md §9) learns from the dataset's chosen and rejected images: no reward to score with.
+    offline = [name.lower() for name in script_args.reward_funcs] == ["none"]
+    if offline:
+        config.check_offline()
     dtype = resolve_dtype(script_args.torch_dtype, fp16=config.fp16, bf16=config.bf16)
     pipe = load_pipeline(
         script_args.model_name_or_path,
@@ -174,8 +178,6 @@ def train(script_args: TrainScriptArguments, config: DrPOConfig) -> DrPOTrainer:
         variant=script_args.variant,
         revision=script_args.model_revision,
     )
-    # Offline DrPO (docs/method.md §9) learns from the dataset's chosen and rejected images: no reward to score with.
-    offline = [name.lower() for name in script_args.reward_funcs] == ["none"]
     rewards = None if offline else load_rewards(script_args.reward_funcs)[0]  # weights: config.reward_weights
     eval_dataset, eval_prompts = held_out_prompts(
         script_args.eval_dataset_name,

@@ -176,8 +176,9 @@ class DrPOConfig(TrainingArguments):
             K and eligible as anchors, but never trained: the anchors come from a larger pool at the cost of E more
             no-gradient generations, decodes, reward calls and feature passes per prompt, and no more backward. The
             authors' GenEval mode draws extra no-gradient rounds like this until both pools are large enough
-            (docs/method.md §8). `0` ranks the K candidates alone, as the paper's other recipes do. Not for offline
-            DrPO, whose anchors are the dataset's.
+            (docs/method.md §8). `0` ranks the K candidates alone, as the paper's other recipes do. The logged
+            `reward` then averages over all K + E samples of the current generator. Not for offline DrPO, whose
+            anchors are the dataset's.
         anchor_selection (`str`, *optional*, defaults to `"topk"`):
             Rule that turns rewards into anchors: `"topk"` (top / bottom k), `"mean_split"` (above / below the
             prompt's mean, equal anchor weights: not the authors' advantage-weighted "advsign" variant, see
@@ -464,7 +465,7 @@ class DrPOConfig(TrainingArguments):
             fail(
                 f"num_positives + num_negatives ({self.num_positives} + {self.num_negatives}) exceeds "
                 f"num_generations + num_anchor_generations ({ranked}); anchors are disjoint candidates. Lower the "
-                "anchor counts or raise num_generations."
+                "anchor counts, or raise num_generations or num_anchor_generations."
             )
         for name in ("positive_weight", "negative_weight", "reference_weight", "reference_negative_weight"):
             value = getattr(self, name)
@@ -526,6 +527,15 @@ class DrPOConfig(TrainingArguments):
             fail(
                 "feature_weights must map feature keys to finite numbers > 0 (a key left out weighs 1; to drop a "
                 f"key, leave it out of feature_keys), got {bad}."
+            )
+
+    def check_offline(self) -> None:
+        """Raise a `ValueError` naming the fix when an option needs a reward that offline DrPO (docs/method.md §9)
+        does not have. The trainer and the CLI call it for an offline run before any model is loaded."""
+        if self.num_anchor_generations:
+            raise ValueError(
+                "num_anchor_generations ranks extra candidates with the reward, and offline DrPO (reward_funcs=None) "
+                "takes its anchors from the dataset's pairs: set num_anchor_generations=0 or pass a reward."
             )
 
     def check_feature_map(self) -> None:

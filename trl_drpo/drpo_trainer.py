@@ -134,11 +134,8 @@ class DrPOTrainer(Trainer):
                 "A preference dataset (chosen/rejected columns) with a reward: mixing online and offline DrPO is not "
                 "supported. Pass reward_funcs=None to train offline on the pairs, or a prompt dataset to train online."
             )
-        if self.offline and args.num_anchor_generations:
-            raise ValueError(
-                "num_anchor_generations ranks extra candidates with the reward, and offline DrPO (reward_funcs=None) "
-                "takes its anchors from the dataset's pairs: set num_anchor_generations=0 or pass a reward."
-            )
+        if self.offline:
+            args.check_offline()
         self.reward_funcs = None
         if self.offline:
             train_dataset = load_preference_dataset(
@@ -225,8 +222,9 @@ class DrPOTrainer(Trainer):
         unknown = sorted(set(args.feature_weights or {}) - set(self.feature_map.keys))
         if unknown:
             raise ValueError(
-                f"feature_weights names {unknown}, which are not keys of feature_map={args.feature_map!r}: weigh "
-                f"some of its keys {list(self.feature_map.keys)} (or choose others with feature_keys)."
+                f"feature_weights names {unknown}, which are not among the feature keys in use "
+                f"{list(self.feature_map.keys)} (feature_map={args.feature_map!r}, feature_keys={args.feature_keys}): "
+                "weigh some of those, or select the key with feature_keys."
             )
         # What the rewards rank: the pipeline's VAE, or a tiny one (checked against the pipeline's VAE now), at full
         # size or resized. Evaluation, logged images and samples always use the full decode.

@@ -5,6 +5,7 @@ named, never located, and no token reaches the text."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from enum import Enum
@@ -159,7 +160,10 @@ def _precision(args: Any) -> str:
 
 
 def _display_value(value: Any) -> Any:
-    # Enums (e.g. the scheduler type) read better as their value than as `SchedulerType.CONSTANT`.
+    # Enums (e.g. the scheduler type) read better as their value than as `SchedulerType.CONSTANT`; dicts are shown as
+    # the JSON a flag takes (`--feature_weights '{...}'`), not as Python reprs.
+    if isinstance(value, dict):
+        return json.dumps(value)
     return value.value if isinstance(value, Enum) else value
 
 
@@ -307,6 +311,7 @@ def render_model_card(
         else None,
         sample_grid=sample_grid,
         drift_field=_drift_field(args, offline=not reward_names),
+        anchor_generations=getattr(args, "num_anchor_generations", 0),
         ema_decay=ema_decay,
         ema_horizon=round(1 / (1 - ema_decay)) if ema_decay is not None else None,
         hyperparameters=hyperparameters,
