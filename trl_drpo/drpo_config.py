@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainingArguments
 
 from .drift import canonical_kernel
-from .objective import TOKEN_MATCHING, DriftHyperparams
+from .objective import TOKEN_MATCHING, DriftHyperparams, invalid_key_weights
 from .ranking import SELECTION_RULES
 
 
@@ -520,9 +520,7 @@ class DrPOConfig(TrainingArguments):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 fail(f"{name} must be a dict or a JSON object string, got {type(getattr(self, name)).__name__}.")
 
-        weights = self.feature_weights or {}
-        bad = {k: w for k, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float))}
-        bad |= {k: w for k, w in weights.items() if k not in bad and not (math.isfinite(w) and w > 0)}
+        bad = invalid_key_weights(self.feature_weights or {})
         if bad:
             fail(
                 "feature_weights must map feature keys to finite numbers > 0 (a key left out weighs 1; to drop a "

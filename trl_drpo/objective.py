@@ -50,7 +50,7 @@ class DriftHyperparams:
         if self.aggregation not in ("sum", "mean"):
             raise ValueError(f"Feature-key aggregation must be 'sum' or 'mean', got {self.aggregation!r}.")
         self.key_weights = dict(self.key_weights or {})
-        bad = {k: w for k, w in self.key_weights.items() if not (math.isfinite(float(w)) and float(w) > 0)}
+        bad = invalid_key_weights(self.key_weights)
         if bad:
             raise ValueError(f"Feature-key weights must be finite and > 0 (leave a key out to drop it), got {bad}.")
         if self.reference_loss_weight < 0:
@@ -58,6 +58,17 @@ class DriftHyperparams:
 
 
 TOKEN_MATCHING = ("pooled", "positional")
+
+
+def invalid_key_weights(weights: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a feature key -> loss weight mapping that are not finite numbers > 0 (booleans included),
+    empty when every weight is valid."""
+
+    def valid(weight: Any) -> bool:
+        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        return number and math.isfinite(weight) and weight > 0
+
+    return {key: weight for key, weight in weights.items() if not valid(weight)}
 
 
 def as_feature_set(features: torch.Tensor, token_matching: str = "pooled") -> torch.Tensor:
@@ -285,9 +296,9 @@ def drpo_targets_from_anchors(
         row = _prompt_row(generated, b)
         pool = row if extra is None else {k: torch.cat([v, extra[k][b : b + 1]], dim=1) for k, v in row.items()}
         num_candidates = next(iter(row.values())).shape[1]
-        sources = [
+        sources = tuple(
             torch.where(index < num_candidates, index, -1) for index in (selection.positives, selection.negatives)
-        ]
+        )
         targets.append(
             drpo_targets(
                 row,
@@ -295,7 +306,7 @@ def drpo_targets_from_anchors(
                 {key: value[:, selection.negatives] for key, value in pool.items()},
                 _prompt_row(reference, b) if reference else None,
                 params,
-                anchor_sources=(sources[0], sources[1]),
+                anchor_sources=sources,
             )
         )
     return targets
