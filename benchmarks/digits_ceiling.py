@@ -8,7 +8,8 @@ its own target, so what already passes is held in place. No estimator, kernel or
 ranking and the update, so what this reaches within a wall-clock bounds what a method that only ranks the base's own
 samples can reach with the same weights trained.
 
-Each setting trains one set of weights (the preset's LoRA, every UNet weight, or every UNet and text-encoder weight)
+Each setting trains one set of weights (a rank-8 LoRA on the attention projections or on the "digits" preset's
+targets, every UNet weight, or every UNet and text-encoder weight)
 on the train captions, or on the evaluation's own captions (where nothing has to carry to new captions, only to new
 noise), either on the base's candidates ranked once (16 per caption) or online, on fresh candidates ranked under the
 current weights at every update as DrPO does, and is evaluated like `align` on the 360 held-out (caption, seed)
@@ -45,7 +46,16 @@ from .common import machine_info
 
 
 SETTINGS: dict[str, dict[str, Any]] = {
+    # The LoRA on the attention projections alone (the "digits" preset's targets until 2026-12-05) ...
     "LoRA rank 8, train captions": {"train": "lora", "split": "train", "learning_rate": 1e-3, "steps": 1200},
+    # ... and on the preset's targets since: feed-forward layers and ResNet convolutions too.
+    "LoRA rank 8 on the preset's targets, train captions": {
+        "train": "lora",
+        "target_modules": PRESETS["digits"]["lora_target_modules"],
+        "split": "train",
+        "learning_rate": 1e-3,
+        "steps": 1200,
+    },
     "every UNet and text-encoder weight, train captions, 20 minutes": {
         "train": "unet+text_encoder",
         "split": "train",
@@ -122,7 +132,8 @@ def measure(
     pretrained_model_name_or_path: str | None = None,
 ) -> dict[str, Any]:
     """Train one `setting` of `SETTINGS` (keys ``train`` in {"lora", "unet", "unet+text_encoder"}, ``split`` in
-    {"train", "test"}, ``learning_rate``, ``steps``; optional ``num_candidates``, ``batch_size``, ``evals``, and
+    {"train", "test"}, ``learning_rate``, ``steps``; optional ``target_modules`` (the LoRA's; default the attention
+    projections), ``num_candidates``, ``batch_size``, ``evals``, and
     ``online``: rank fresh candidates under the current weights at every update instead of the base's fixed ones) on
     the winners' targets and return its base and evaluation history. `pretrained_model_name_or_path`: another
     digit-world pipeline folder in place of the shipped base."""
@@ -148,7 +159,11 @@ def measure(
 
     trains_text_encoder = setting["train"] == "unet+text_encoder"
     if setting["train"] == "lora":
-        params = generator.add_lora(rank=PRESETS["digits"]["lora_rank"], alpha=PRESETS["digits"]["lora_alpha"])
+        params = generator.add_lora(
+            rank=PRESETS["digits"]["lora_rank"],
+            alpha=PRESETS["digits"]["lora_alpha"],
+            target_modules=setting.get("target_modules"),
+        )
     else:
         generator.denoiser.requires_grad_(True)
         params = list(generator.denoiser.parameters())

@@ -4,12 +4,12 @@ wall-clock, with best-of-K sampling of the base as the inference-time reference.
     python -m benchmarks.world_comparison                                        # about 40 min on 2 CPU cores
     python -m benchmarks.world_comparison --quick --out world-comparison-quick   # toy length: a smoke run
 
-Every method starts from the shipped base (`trl_drpo.worlds.digits.load_pipeline`) with the same LoRA (rank, alpha,
-targets and initial weights of the "digits" preset, drawn from the same seed), the same AdamW settings, learning
-rate and gradient clipping, trains on the same train captions in the same order with the same noise seeds, and
-draws K candidates for each of B prompts per update (the matched candidate budget). Training runs until its own
-wall-clock (evaluation excluded) reaches the budget; every `--eval_every` seconds of it the pipeline is evaluated as
-a user runs it:
+Every method starts from the shipped base (`trl_drpo.worlds.digits.load_pipeline`) with the same LoRA (rank, alpha
+and initial weights of the "digits" preset, drawn from the same seed, on `--lora_target_modules`, by default the
+preset's targets), the same AdamW settings, learning rate and gradient clipping, trains on the same train captions in
+the same order with the same noise seeds, and draws K candidates for each of B prompts per update (the matched
+candidate budget). Training runs until its own wall-clock (evaluation excluded) reaches the budget; every
+`--eval_every` seconds of it the pipeline is evaluated as a user runs it:
 
 - held-out captions and seeds (the world's test split), verifier and judge tables;
 - the trained captions on seeds no update used (the paper's GenEval protocol, which trained on its evaluation
@@ -93,6 +93,7 @@ def config_for(method: str, args: argparse.Namespace) -> DrPOConfig:
         report_to="none",
         seed=args.seed,
         learning_rate=args.learning_rate,
+        lora_target_modules=list(args.lora_target_modules),
         per_device_train_batch_size=args.prompts_per_update,
         num_generations=args.num_generations,
         num_positives=args.num_anchors,
@@ -391,6 +392,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_generations", type=int, default=16, help="K: candidates per prompt, every method.")
     parser.add_argument("--num_anchors", type=int, default=4, help="Positives and negatives (each) per prompt.")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate, every method.")
+    parser.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=list(PRESETS["digits"]["lora_target_modules"]),
+        help="Denoiser modules of every method's LoRA (default: the 'digits' preset's).",
+    )
     parser.add_argument("--surrogate_steps", type=int, default=600, help="Training steps of DRaFT's surrogate.")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
     parser.add_argument("--no_best_of_k", action="store_true", help="Skip best-of-K sampling of the base.")
