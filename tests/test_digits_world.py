@@ -322,16 +322,18 @@ def test_the_evaluation_command_measures_a_saved_adapter_as_align_measured_it(tm
     assert written == json.loads(json.dumps({"base": report["base"], "tuned": report["tuned"]}))
 
 
-def test_the_digits_presets_adapter_reaches_the_feed_forward_layers_and_resnet_convolutions_and_reloads(tmp_path):
+def test_the_digits_presets_adapter_reaches_the_feed_forward_layers_and_resnet_convolutions_and_reloads(
+    pipe, tmp_path
+):
     from safetensors.torch import load_file
 
     from trl_drpo import DrPOConfig, DrPOTrainer
     from trl_drpo.worlds.digits.evaluation import generate
 
-    pipe = digits.load_pipeline()
+    tuned_pipe = digits.load_pipeline()
     values = tiny_drpo_values(tmp_path, max_steps=1, learning_rate=0.3, use_ema=False)
     config = DrPOConfig.from_preset("digits", **values)
-    trainer = DrPOTrainer(pipe, digits.reward_fn("score"), config, train_dataset=["a 3 and a 5", "two 7s"])
+    trainer = DrPOTrainer(tuned_pipe, digits.reward_fn("score"), config, train_dataset=["a 3 and a 5", "two 7s"])
     trainer.train()
     trainer.save_model(str(tmp_path))
     saved = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
@@ -339,11 +341,11 @@ def test_the_digits_presets_adapter_reaches_the_feed_forward_layers_and_resnet_c
         assert any(f".{module}.lora_A" in key for key in saved), module
     assert all(key.startswith("unet.") for key in saved)
     # Loaded the diffusers way into a fresh base, the adapter draws what the trained pipeline draws.
-    trained = generate(pipe, ["a 3 and a 5"], [7])
+    trained = generate(tuned_pipe, ["a 3 and a 5"], [7])
     reloaded = digits.load_pipeline()
     reloaded.load_lora_weights(str(tmp_path))
     tuned = generate(reloaded, ["a 3 and a 5"], [7])
-    assert not torch.allclose(tuned, generate(digits.load_pipeline(), ["a 3 and a 5"], [7]))
+    assert not torch.allclose(tuned, generate(pipe, ["a 3 and a 5"], [7]))  # the shipped base, untouched
     assert torch.allclose(tuned, trained, atol=1e-5)
 
 

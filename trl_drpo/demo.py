@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import ProgressCallback
 
+from .drpo_config import ATTENTION_LORA_TARGETS, DrPOConfig
 
-if TYPE_CHECKING:
-    from .drpo_config import DrPOConfig
 
 ARTEFACTS = (
     "pytorch_lora_weights.safetensors",
@@ -41,7 +40,6 @@ ARTEFACTS = (
 # held-out gain clears +5 points (+4.2 at 300, +6.7 at 450). The preset's wider LoRA gains more over its 900 updates
 # but mostly in the last third: from the same seed it stood at +3.1 (judge -0.8) after 450 (benchmarks/README.md).
 DEMO_STEPS = 450
-DEMO_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 GRID_COLUMNS = (0, 2, 4, 6, 8, 9, 10, 11)  # of balanced_prompts("test", 2): each category, position and colours twice
 
 
@@ -70,17 +68,16 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def demo_config(output_dir: str = "drpo-demo", max_steps: int = DEMO_STEPS, **overrides: Any) -> DrPOConfig:
-    """The demo's `DrPOConfig`: the "digits" preset at seed 0, as examples/configs/digits.yaml, with its LoRA on
-    `DEMO_LORA_TARGETS`, so that the demo is the first `max_steps` updates of the benchmark run of that LoRA (the
-    preset's learning rate is constant, so a shorter run follows the same path); `overrides` on top."""
-    from .drpo_config import DrPOConfig
-
+    """The demo's `DrPOConfig`: the "digits" preset at seed 0, as examples/configs/digits.yaml, with its LoRA on the
+    attention projections (`ATTENTION_LORA_TARGETS`), so that the demo is the first `max_steps` updates of the
+    benchmark run of that LoRA (the preset's learning rate is constant, so a shorter run follows the same path);
+    `overrides` on top."""
     settings = {
         "output_dir": output_dir,
         "max_steps": max_steps,
         "seed": 0,
         "disable_tqdm": False,
-        "lora_target_modules": list(DEMO_LORA_TARGETS),
+        "lora_target_modules": list(ATTENTION_LORA_TARGETS),
         **overrides,
     }
     return DrPOConfig.from_preset("digits", **settings)

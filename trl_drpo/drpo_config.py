@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 _PAPER_RADII = [0.02, 0.05, 0.2]
-_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# The paper's LoRA targets, the default: the attention projections (self- and cross-attention).
+ATTENTION_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 # The paper's recipes (docs/method.md, section 6). Values not listed keep the DrPOConfig defaults, which
 # are the SD-Turbo recipe already.
@@ -78,7 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # The attention projections (the paper's targets), the feed-forward layers and the ResNet convolutions: most
         # of this UNet's weights sit outside attention. Over three training seeds the held-out mean of six gained
         # +12.0 points (one seed +4.8, losing colours) against +8.1 with the attention alone, at 13% more per update.
-        "lora_target_modules": [*_LORA_TARGETS, "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
+        "lora_target_modules": [*ATTENTION_LORA_TARGETS, "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
         "use_ema": True,
         "max_steps": 900,
         "logging_steps": 5,
@@ -112,7 +113,7 @@ PRESETS["flux_schnell"] = {
     "resolution": 512,
     # Both streams of the double-stream blocks (the text stream's add_*_proj / to_add_out); the single-stream
     # blocks' to_q/k/v (their output projection is fused with the MLP's).
-    "lora_target_modules": [*_LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    "lora_target_modules": [*ATTENTION_LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
     "candidate_chunk_size": 4,
     "activation_checkpointing": True,
 }
@@ -120,7 +121,7 @@ PRESETS["sana_sprint"] = {
     **PRESETS["sdxl_turbo_paper"],
     "max_steps": 1000,
     "resolution": 1024,  # the 1024px model's own size: a 32x32 latent grid, 1024 tokens like FLUX's 512 px
-    "lora_target_modules": list(_LORA_TARGETS),  # the paper's: self- (linear) and cross-attention
+    "lora_target_modules": list(ATTENTION_LORA_TARGETS),  # the paper's: self- (linear) and cross-attention
     "candidate_chunk_size": 4,
 }
 
@@ -427,7 +428,8 @@ class DrPOConfig(TrainingArguments):
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: list(_LORA_TARGETS), metadata={"help": "Denoiser modules that get LoRA layers."}
+        default_factory=lambda: list(ATTENTION_LORA_TARGETS),
+        metadata={"help": "Denoiser modules that get LoRA layers."},
     )
     lora_init: str = field(
         default="default",
