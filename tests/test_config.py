@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 
 from trl_drpo import DrPOConfig
 from trl_drpo.drpo_config import PRESETS
+from trl_drpo.features.base import check_feature_map_options
 
 
 def make(tmp_path, **kwargs) -> DrPOConfig:
@@ -75,6 +76,18 @@ def test_latent_mae_in_a_combination_without_its_checkpoint_says_where_to_get_it
     kwargs = {"denoiser": {}, "latent_mae": {"model_name_or_path": "x"}}
     given = DrPOConfig(output_dir=str(tmp_path), feature_map="denoiser+latent_mae", feature_map_kwargs=kwargs)
     given.check_feature_map()
+
+
+def test_feature_keys_given_as_a_feature_map_option_say_to_set_feature_keys_before_any_model_loads(tmp_path):
+    config = DrPOConfig(output_dir=str(tmp_path), feature_map_kwargs={"keys": ["mid_block"], "pool_size": 1})
+    with pytest.raises(ValueError, match="set feature_keys instead"):
+        config.check_feature_map()
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_presets_feature_map_options_are_ones_its_map_takes(name):
+    preset = PRESETS[name]
+    check_feature_map_options(preset.get("feature_map", "denoiser"), preset.get("feature_map_kwargs") or {})
 
 
 def test_fast_preset_ranks_with_a_tiny_decoder_at_224_px_on_latent_mae_features_without_reference(tmp_path):

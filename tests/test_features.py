@@ -348,6 +348,20 @@ def test_a_combined_maps_keys_must_name_a_key_of_each_of_its_maps(sd_gen, keys, 
         build_feature_map("denoiser+vae_decoder", sd_gen, keys=keys)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("denoiser", {"pool": 1}, r"'denoiser' takes no option \['pool'\].*'pool_size'"),
+        ("vae_decoder", {"patch_size": [4]}, r"'vae_decoder' takes no option \['patch_size'\].*'patch_sizes'"),
+        ("denoiser+vae_decoder", {"denoiser": {"spatial_token": True}}, r"\['spatial_token'\].*'spatial_tokens'"),
+        ("denoiser+vae_decoder", {"denoiser": {"keys": ["mid_block"]}}, "set feature_keys instead"),
+    ],
+)
+def test_an_option_the_map_does_not_take_raises_naming_its_options(sd_gen, name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_feature_map(name, sd_gen, **kwargs)
+
+
 def test_a_combination_names_distinct_registered_maps(sd_gen):
     with pytest.raises(ValueError, match="distinct map names"):
         build_feature_map("denoiser+denoiser", sd_gen)

@@ -542,10 +542,12 @@ class DrPOConfig(TrainingArguments):
             )
 
     def check_feature_map(self) -> None:
-        """Raise a `ValueError` naming the fix when the feature map needs weights that `feature_map_kwargs` does not
-        give (the latent-MAE's checkpoint). The trainer and the CLI call it before any model is loaded."""
-        from .features.base import COMBINE
+        """Raise a `ValueError` naming the fix when `feature_map_kwargs` holds an option the feature map does not take
+        (or a key choice, which is `feature_keys`' job), or when the map needs weights that it does not give (the
+        latent-MAE's checkpoint). The trainer and the CLI call it before any model is loaded."""
+        from .features.base import COMBINE, check_feature_map_options
 
+        check_feature_map_options(self.feature_map, self.feature_map_kwargs or {})
         parts = self.feature_map.split(COMBINE)
         if "latent_mae" not in parts:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -233,9 +234,10 @@ def build_feature_map(
     keys are ``"<map>/<key>"``.
 
     Raises:
-        ValueError: a name is not registered, a key is unknown to its map, or a combination's keys or kwargs are not
-            laid out per map.
+        ValueError: a name is not registered, a key is unknown to its map, an option is not one the map takes (keys
+            are chosen by `keys`, never by an option), or a combination's keys or kwargs are not laid out per map.
     """
+    check_feature_map_options(name, kwargs)
     if COMBINE in name:
         parts = _split_combined(name, keys, kwargs)
         return CombinedFeatureMap(
@@ -247,6 +249,40 @@ def build_feature_map(
             "a new one with `@trl_drpo.features.register_feature_map(name)` on a FeatureMap subclass."
         )
     return FEATURE_MAPS[name].from_generator(generator, keys=keys, **kwargs)
+
+
+def check_feature_map_options(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise a `ValueError` naming the fix when `kwargs` (`DrPOConfig.feature_map_kwargs`, per map for maps joined
+    with ``"+"``) hold an option that the feature map `name` does not take, or try to choose its keys (that is
+    `feature_keys`' job). Cheap: reads the registered classes' signatures, builds nothing. Names that are not
+    registered, and a combination's kwargs that are not laid out per map, are left to `build_feature_map`."""
+    per_map = {part: kwargs.get(part) for part in name.split(COMBINE)} if COMBINE in name else {name: kwargs}
+    for part, options in per_map.items():
+        if part in FEATURE_MAPS and isinstance(options, dict):
+            _check_options(part, FEATURE_MAPS[part], options)
+
+
+def _check_options(name: str, cls: type[FeatureMap], options: dict[str, Any]) -> None:
+    # A misspelt option would otherwise surface as a bare TypeError from inside the map's constructor.
+    if "keys" in options:
+        raise ValueError(
+            f"feature_map_kwargs cannot choose the keys of feature map {name!r}: set feature_keys instead "
+            "('<map>/<key>' for maps joined with '+')."
+        )
+    accepted: set[str] = set()
+    for builder in (cls.from_generator, cls.__init__):
+        parameters = inspect.signature(builder).parameters.values()
+        accepted |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break  # this builder passes no further options on
+    else:
+        return  # the constructor itself takes any option
+    accepted -= {"self", "generator", "keys"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"Feature map {name!r} takes no option {unknown} in feature_map_kwargs; its options: {sorted(accepted)}."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
