@@ -63,9 +63,8 @@ TRAIN_SEED_BASE = 30_000
 """Seeds of the trained-caption evaluation; training noise comes from hashed (seed, update) keys, never these."""
 
 METHODS: dict[str, dict[str, Any]] = {
-    # The "digits" preset as it ships (each winner's own anchor copy masked, no negative weight, no reference term,
-    # one feature token per latent position). Its moving average (use_ema) is the trainer's and is not kept here: every
-    # method is measured on the weights its updates leave.
+    # The "digits" preset as it ships. Its moving average (use_ema) is the trainer's and is not kept here: every method
+    # is measured on the weights its updates leave.
     "DrPO": {"kind": "drpo", "overrides": {}},
     # The authors' estimator: unmasked anchors, the default negative weight, and a reference term (at the weight that
     # held the colours of the base shipped until 2026-12-05; the "digits" preset then).

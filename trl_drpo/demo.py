@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import ProgressCallback
 
-from .drpo_config import ATTENTION_LORA_TARGETS, DrPOConfig
+from .drpo_config import DrPOConfig
 
 
 ARTEFACTS = (
@@ -35,10 +35,8 @@ ARTEFACTS = (
     "reward_curve.png",
     "eval_metrics.json",
 )
-# 450 updates (about 9 minutes on two cores) with the LoRA on the attention projections alone, the "digits"
-# preset's targets until 2026-12-05: the shortest of that benchmark run's evaluations, every 150 updates, whose
-# held-out gain clears +5 points (+4.2 at 300, +6.7 at 450). The preset's wider LoRA gains more over its 900 updates
-# but mostly in the last third: from the same seed it stood at +3.1 (judge -0.8) after 450 (benchmarks/README.md).
+# 450 updates (about 9 minutes on two cores): the first half of the "digits" benchmark run, whose evaluation there
+# gains +7.2 points (judge +6.4) on the held-out captions (benchmarks/README.md).
 DEMO_STEPS = 450
 GRID_COLUMNS = (0, 2, 4, 6, 8, 9, 10, 11)  # of balanced_prompts("test", 2): each category, position and colours twice
 
@@ -68,18 +66,10 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def demo_config(output_dir: str = "drpo-demo", max_steps: int = DEMO_STEPS, **overrides: Any) -> DrPOConfig:
-    """The demo's `DrPOConfig`: the "digits" preset at seed 0, as examples/configs/digits.yaml, with its LoRA on the
-    attention projections (`ATTENTION_LORA_TARGETS`), so that the demo is the first `max_steps` updates of the
-    benchmark run of that LoRA (the preset's learning rate is constant, so a shorter run follows the same path);
-    `overrides` on top."""
-    settings = {
-        "output_dir": output_dir,
-        "max_steps": max_steps,
-        "seed": 0,
-        "disable_tqdm": False,
-        "lora_target_modules": list(ATTENTION_LORA_TARGETS),
-        **overrides,
-    }
+    """The demo's `DrPOConfig`: the "digits" preset at seed 0, as examples/configs/digits.yaml, so that the demo is the
+    first `max_steps` updates of that benchmark run (the preset's learning rate is constant, so a shorter run follows
+    the same path); `overrides` on top."""
+    settings = {"output_dir": output_dir, "max_steps": max_steps, "seed": 0, "disable_tqdm": False, **overrides}
     return DrPOConfig.from_preset("digits", **settings)
 
 
