@@ -57,7 +57,9 @@ SETTINGS = {
 _ONE_TOKEN_MASKED = {
     "reference_loss_weight": 0.0,
     "mask_anchor_copies": True,
+    "feature_map": "denoiser",
     "feature_map_kwargs": {"spatial_tokens": False},
+    "feature_keys": None,
 }
 SETTINGS.update(
     {

@@ -291,7 +291,9 @@ END_EFFECT_RECIPE = {  # the recipe that moves fixed captions (benchmarks/README
     "learning_rate": 3e-3,
     "reference_loss_weight": 0.0,
     "mask_anchor_copies": True,
+    "feature_map": "denoiser",
     "feature_map_kwargs": {"spatial_tokens": False, "pool_size": 1},
+    "feature_keys": None,
 }
 
 
